@@ -1,0 +1,54 @@
+"""The `qwen-edge` command: a thin layer that parses, calls the library and prints.
+
+Subcommands live in their own modules and are imported only when used (click's lazy-group
+pattern), so `qwen-edge doctor` does not pay for importing the HTTP stack.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from edge import __version__
+
+# command name -> "module:attribute"; a new command is one more row.
+COMMANDS: dict[str, str] = {
+    "convert": "edge.cli.convert_cmd:convert",
+    "classify": "edge.cli.engine_cmd:classify",
+    "chat": "edge.cli.engine_cmd:chat",
+    "eval": "edge.cli.eval_cmd:eval_group",
+    "bench": "edge.cli.bench_cmd:bench",
+    "serve": "edge.cli.serve_cmd:serve",
+    "doctor": "edge.cli.doctor_cmd:doctor",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(__version__, prog_name="qwen-edge")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Qwen All-in-One Edge: one small model, sentiment + chat, offline."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    """Entry point: user-facing errors (``click.ClickException``) print one line and exit non-zero."""
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,158 @@
+"""`qwen-edge doctor`: is this machine, this llama.cpp build and these model files fit to serve?
+
+Checks CPU features against the build (by a probe in a child process, so a bad build cannot crash
+the doctor), memory and budget, model files (header and sha256 against manifest.json) and, per
+model, the memory estimate; ``--measure`` loads each model in a child and compares.
+Exit code 1 when something is wrong: unsafe build, corrupt file, checksum mismatch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+import psutil
+
+from edge.model import cpu as cpu_mod
+from edge.model.gguf_check import ModelFileError, check_gguf
+from edge.model.inventory import ModelFileReport, inspect_model_dir
+from edge.model.memory import cgroup_limit_bytes, effective_budget_bytes, plan_fit
+from edge.settings import Settings, SettingsError, load_settings
+
+MIB = 1 << 20
+STANDIN_ENV = "QWEN_EDGE_STANDIN_GGUF"
+
+
+def _probe_model(settings: Settings, reports: list[ModelFileReport], explicit: Path | None) -> Path | None:
+    """A model that passed the header check, to decode with in the probe."""
+    candidates = [explicit, settings.model.path] + [r.path for r in reports if r.error is None]
+    if os.environ.get(STANDIN_ENV):
+        candidates.append(Path(os.environ[STANDIN_ENV]))
+    for path in candidates:
+        if path and Path(path).is_file():
+            try:
+                check_gguf(path)
+                return Path(path)
+            except ModelFileError:
+                continue
+    return None
+
+
+def _cpu_section(settings: Settings, reports: list[ModelFileReport], model: Path | None,
+                 probe_cmd: list[str] | None, timeout_s: float) -> dict:
+    info = cpu_mod.read_cpu_info()
+    probe_model = _probe_model(settings, reports, model)
+    result = cpu_mod.run_probe(probe_cmd or cpu_mod.probe_command(probe_model), timeout_s)
+    missing = cpu_mod.build_features_missing_on_cpu(result.system_info, info)
+    safe = result.safe and not missing
+    message = result.message
+    if missing and result.safe:
+        message = f"{cpu_mod.UNSAFE_HINT} (build uses {', '.join(missing)}, not listed by this CPU)"
+    return {**info.to_dict(), "build": result.system_info, "build_features_missing_on_cpu": missing,
+            "probe_model": str(probe_model) if probe_model else None, "safe": safe,
+            "decoded": result.decoded, "message": message, "ok": safe is not False}
+
+
+def _memory_section(settings: Settings) -> dict:
+    vm = psutil.virtual_memory()
+    limit = cgroup_limit_bytes()
+    return {"total_bytes": vm.total, "available_bytes": vm.available, "cgroup_limit_bytes": limit,
+            "budget_setting_mb": settings.memory.budget_mb,
+            "effective_budget_bytes": effective_budget_bytes(settings.memory.budget_mb), "ok": True}
+
+
+def _model_entry(report: ModelFileReport, settings: Settings, budget: int, measure: bool) -> dict:
+    entry = report.to_dict()
+    if report.info is None:
+        return entry
+    m = settings.model
+    plan = plan_fit(report.info, budget, m.n_ctx, m.kv_cache_type, m.n_batch, m.n_seq_max, m.flash_attn,
+                    headroom=settings.memory.soft_fraction)
+    entry.update(estimate=plan.estimate.to_dict(), fits=plan.fits, fit_message=plan.message)
+    if measure:
+        from edge.model.measure import MeasureError, measure_memory
+        from edge.model.memory import PYTHON_RUNTIME_BYTES, estimate_memory
+        bare = estimate_memory(report.info, m.n_ctx, m.kv_cache_type, m.n_batch, m.n_seq_max, m.flash_attn,
+                               runtime_bytes=PYTHON_RUNTIME_BYTES)
+        try:
+            got = measure_memory(report.path, m.n_ctx, m.kv_cache_type, m.n_batch, m.n_seq_max, m.flash_attn)
+            error = (bare.total_bytes - got.rss_bytes) / got.rss_bytes
+            entry["measured"] = {"rss_bytes": got.rss_bytes, "peak_rss_bytes": got.peak_rss_bytes,
+                                 "estimate_bare_bytes": bare.total_bytes, "error": round(error, 4),
+                                 "within_10pct": abs(error) <= 0.10, "llama_buffers_mib": got.buffers_mib}
+        except MeasureError as exc:
+            entry["measured"] = {"error_message": str(exc)}
+    return entry
+
+
+def run_doctor(settings: Settings, model: Path | None = None, measure: bool = False,
+               probe_cmd: list[str] | None = None, probe_timeout_s: float = 120.0,
+               checksums: bool = True) -> dict:
+    """Everything doctor reports, as a dict; ``ok`` is False when something is wrong."""
+    extra = [model] if model else []
+    if settings.model.path and settings.model.path not in extra:
+        extra.append(settings.model.path)
+    reports = inspect_model_dir(settings.model.dir, [Path(p) for p in extra], with_checksum=checksums)
+    memory = _memory_section(settings)
+    models = [_model_entry(r, settings, memory["effective_budget_bytes"], measure) for r in reports]
+    cpu = _cpu_section(settings, reports, model, probe_cmd, probe_timeout_s)
+    ok = cpu["ok"] and all(m["ok"] for m in models)
+    return {"ok": ok, "cpu": cpu, "memory": memory, "model_dir": str(settings.model.dir), "models": models}
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / MIB:.0f} MiB"
+
+
+def format_report(report: dict) -> str:
+    cpu, mem = report["cpu"], report["memory"]
+    mark = {True: "ok", False: "FAIL", None: "?"}
+    lines = [f"CPU       {cpu['machine']} {cpu['model_name']}",
+             f"          features: {' '.join(cpu['features']) or '-'}",
+             f"          AMX: {'advertised' if any(f.startswith('amx') for f in cpu['features']) else 'not advertised'}",
+             f"llama.cpp {' '.join(k for k, v in cpu['build'].items() if v == '1') or '-'}",
+             f"build     [{mark[cpu['safe']]}] {cpu['message']}",
+             f"memory    total {_mb(mem['total_bytes'])}, available {_mb(mem['available_bytes'])}, "
+             f"cgroup limit {_mb(mem['cgroup_limit_bytes']) if mem['cgroup_limit_bytes'] else 'none'}, "
+             f"budget {_mb(mem['effective_budget_bytes'])} (setting {mem['budget_setting_mb']} MB)",
+             f"models    {report['model_dir']}" + ("" if report["models"] else ": no GGUF files")]
+    for m in report["models"]:
+        lines.append(f"  [{mark[m['ok']]}] {m['path']}")
+        if m["error"]:
+            lines.append(f"        {m['error']}")
+            continue
+        check = {None: "not in manifest", True: "matches manifest", False: "MISMATCH with manifest"}[m["checksum_ok"]]
+        lines.append(f"        {m['file_type']}, {_mb(m['size_bytes'])}, sha256 {(m['sha256'] or '-')[:16]}… {check}")
+        if "estimate" in m:
+            lines.append(f"        memory: {m['fit_message']}")
+        measured = m.get("measured")
+        if measured and "rss_bytes" in measured:
+            lines.append(f"        measured RSS {_mb(measured['rss_bytes'])} vs estimate "
+                         f"{_mb(measured['estimate_bare_bytes'])} (bare process): {measured['error']:+.1%}")
+        elif measured:
+            lines.append(f"        measure failed: {measured['error_message']}")
+    lines.append("result    " + ("all good" if report["ok"] else "PROBLEMS FOUND (see FAIL above)"))
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML configuration file.")
+@click.option("--model", type=click.Path(path_type=Path), help="Also check this GGUF (and probe with it).")
+@click.option("--model-dir", type=click.Path(path_type=Path), help="Folder of converted models (default: settings).")
+@click.option("--measure", is_flag=True, help="Load each model in a child process, fill the context, compare RSS.")
+@click.option("--no-checksum", is_flag=True, help="Skip sha256 of the model files.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--probe-timeout", type=float, default=120.0, show_default=True, help="Seconds for the build probe.")
+def doctor(config_file: Path | None, model: Path | None, model_dir: Path | None, measure: bool,
+           no_checksum: bool, as_json: bool, probe_timeout: float) -> None:
+    """Check CPU/llama.cpp build safety, memory, model files and checksums."""
+    try:
+        settings = load_settings(config_file, model={"dir": model_dir})
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    report = run_doctor(settings, model=model, measure=measure, probe_timeout_s=probe_timeout,
+                        checksums=not no_checksum)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
+    if not report["ok"]:
+        raise SystemExit(1)

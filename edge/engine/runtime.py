@@ -1,0 +1,240 @@
+"""One llama.cpp model + context, driven through llama-cpp-python's low-level API.
+
+Why not `llama_cpp.Llama`: it keeps a single token sequence per context, so sentiment and chat
+would evict each other's prompt cache on every switch, and it reserves an n_batch × n_vocab score
+array. Here the KV cache holds several *sequences* (llama.cpp's seq ids, unified cache): the
+sentiment prefix, the chat system prefix and chat sessions live side by side, and `seq_cp` shares a
+cached prefix with a new sequence without copying or re-evaluating it.
+
+Not thread-safe: the scheduler owns the runtime and calls it from one thread.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+log = logging.getLogger(__name__)
+logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own chatter
+
+TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+_BACKEND_READY = False
+
+
+class RuntimeError_(RuntimeError):
+    """llama.cpp refused an operation (load, decode)."""
+
+
+class KVCacheFull(RuntimeError_):
+    """No room left in the KV cache for this batch; the caller may evict sequences and retry."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_threads: int = 0
+    n_seq_max: int = 16
+    kv_cache_type: str = "q8_0"
+    flash_attn: bool = True
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except Exception:  # psutil can fail inside odd containers
+        return max(1, os.cpu_count() or 1)
+
+
+class LlamaRuntime:
+    def __init__(self, model_path: Path | str, config: RuntimeConfig = RuntimeConfig()) -> None:
+        global _BACKEND_READY
+        if not _BACKEND_READY:
+            llama_cpp.llama_backend_init()
+            _BACKEND_READY = True
+        self.path = Path(model_path)
+        self.config = config
+        mparams = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self.model:
+            raise RuntimeError_(f"llama.cpp could not load {self.path}")
+        threads = config.n_threads or physical_cores()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx
+        cparams.n_batch = config.n_batch
+        cparams.n_ubatch = config.n_batch
+        cparams.n_seq_max = config.n_seq_max
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = True  # one pool of cells shared by all sequences; seq_cp shares cells
+        cparams.type_k = KV_CACHE_TYPES[config.kv_cache_type]
+        cparams.type_v = KV_CACHE_TYPES[config.kv_cache_type]
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cparams.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise RuntimeError_(f"llama.cpp could not create a context (n_ctx={config.n_ctx}) for {self.path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_batch = config.n_batch
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.n_evaluated = 0  # tokens pushed through the model, for tests and metrics
+        self._piece_cache: dict[int, bytes] = {}
+        self.end_tokens = self._find_end_tokens()
+        self._candidates = np.zeros(self.n_vocab, dtype=TOKEN_DATA)
+        self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
+
+    # -- vocabulary -----------------------------------------------------------------------------
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """Tokenize; with special=False, `<|im_start|>` in user text stays plain text."""
+        data = text.encode("utf-8", errors="replace")
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, False, special)
+        if n < 0:  # buffer too small (cannot happen for byte-level BPE, kept for safety)
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, False, special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        cached = self._piece_cache.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, True)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, True)
+            cached = self._piece_cache[token] = buf.raw[:n]
+        return cached
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_end(self, token: int) -> bool:
+        return token in self.end_tokens
+
+    def _find_end_tokens(self) -> frozenset[int]:
+        ends = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)}
+        # Qwen1.5 revisions disagree on EOS; whatever the file says, both end a reply.
+        for marker in ("<|im_end|>", "<|endoftext|>"):
+            ids = self.tokenize(marker, special=True)
+            if len(ids) == 1:
+                ends.add(ids[0])
+        return frozenset(ends)
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    # -- KV cache sequences ---------------------------------------------------------------------
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, p0, p1)
+
+    def seq_cp(self, src: int, dst: int) -> None:
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
+    def seq_len(self, seq: int) -> int:
+        return llama_cpp.llama_memory_seq_pos_max(self.memory, seq) + 1
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def decode(self, jobs: list[tuple[int, list[int], int]]) -> dict[int, np.ndarray]:
+        """Evaluate `(seq_id, tokens, start_pos)` jobs packed into n_batch-sized llama_decode calls.
+
+        Returns a copy of each job's last-token logits, keyed by seq id. The logits of the very
+        last token evaluated also stay in the context, for `sample()`.
+        """
+        flat = [(seq, tok, pos + i) for seq, toks, pos in jobs for i, tok in enumerate(toks)]
+        wanted: dict[int, int] = {}  # flat index of each job's last token -> seq
+        offset = 0
+        for seq, toks, _ in jobs:
+            offset += len(toks)
+            if toks:
+                wanted[offset - 1] = seq
+        out: dict[int, np.ndarray] = {}
+        for start in range(0, len(flat), self.n_batch):
+            chunk = flat[start:start + self.n_batch]
+            self._fill_batch(chunk, [start + i in wanted for i in range(len(chunk))])
+            self._run_batch()
+            for i in range(len(chunk)):
+                seq = wanted.get(start + i)
+                if seq is not None:
+                    out[seq] = self.logits(i).copy()
+        return out
+
+    def _fill_batch(self, chunk: list[tuple[int, int, int]], outputs: list[bool]) -> None:
+        b = self._batch
+        b.n_tokens = len(chunk)
+        for i, (seq, tok, pos) in enumerate(chunk):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = outputs[i]
+
+    def _run_batch(self) -> None:
+        rc = llama_cpp.llama_decode(self.ctx, self._batch)
+        if rc == 1:
+            raise KVCacheFull("KV cache full")
+        if rc != 0:
+            raise RuntimeError_(f"llama_decode failed ({rc})")
+        self.n_evaluated += self._batch.n_tokens
+
+    def sample(self, sampler: "llama_cpp.llama_sampler_p", logits: np.ndarray) -> int:
+        """Pick a token from a *copy* of some logits with a llama.cpp sampler chain, and accept it.
+
+        Sampling from a copy (not from the context) is what lets sentiment requests run between
+        two steps of a chat reply without disturbing it.
+        """
+        cand = self._candidates
+        cand["id"] = self._all_ids
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        arr = llama_cpp.llama_token_data_array(
+            data=cand.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+            size=len(cand), selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
+        token = int(cand["id"][arr.selected])
+        llama_cpp.llama_sampler_accept(sampler, token)
+        return token
+
+    def logits(self, row: int) -> np.ndarray:
+        """Logits of batch position `row` of the last decode, a numpy view valid until the next decode."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, row)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

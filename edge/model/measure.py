@@ -1,0 +1,157 @@
+"""Measure what a model really costs: load it in a child process, fill the context, read RSS.
+
+A child process because a bad llama.cpp build or file can kill the process that loads it, and
+because RSS of a fresh process is the figure the estimate is compared with. The child loads the
+model through llama-cpp-python's low-level API the way the engine does (unified KV cache, several
+sequences), evaluates ``n_ctx`` tokens in ``n_batch`` chunks and prints one JSON line; llama.cpp's
+own buffer-size log lines (stderr) are parsed too, so the estimate can be checked part by part.
+
+Run by hand: ``python -m edge.model.measure MODEL.gguf --n-ctx 2048 --kv q8_0``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+# "llama.cpp log line" -> our name for the buffer; a new llama.cpp buffer is one more row.
+BUFFER_PATTERNS: dict[str, str] = {
+    r"CPU_Mapped model buffer size\s*=\s*([\d.]+) MiB": "weights_mapped",
+    r"CPU_REPACK model buffer size\s*=\s*([\d.]+) MiB": "weights_repacked",
+    r"(?<!_)CPU model buffer size\s*=\s*([\d.]+) MiB": "weights_cpu",
+    r"KV buffer size\s*=\s*([\d.]+) MiB": "kv_cache",
+    r"CPU compute buffer size\s*=\s*([\d.]+) MiB": "compute",
+    r"output buffer size\s*=\s*([\d.]+) MiB": "output",
+}
+
+
+@dataclass
+class MeasuredMemory:
+    rss_bytes: int                 # after the context was filled
+    peak_rss_bytes: int            # ru_maxrss of the child
+    uss_bytes: int | None
+    baseline_rss_bytes: int        # the child before loading (Python + llama_cpp imported)
+    rss_anon_bytes: int | None = None   # buffers: KV, compute, repacked weights, Python
+    rss_file_bytes: int | None = None   # mmap'd model file pages
+    buffers_mib: dict[str, float] = field(default_factory=dict)   # llama.cpp's own accounting
+    n_tokens: int = 0
+    seconds: float = 0.0
+
+
+class MeasureError(RuntimeError):
+    """The measuring child failed; the message says how (exit code or signal)."""
+
+
+def measure_memory(model: Path | str, n_ctx: int = 2048, kv_cache_type: str = "q8_0", n_batch: int = 512,
+                   n_seq_max: int = 1, flash_attn: bool = True, timeout_s: float = 900.0,
+                   python: str = sys.executable) -> MeasuredMemory:
+    """Load ``model`` in a child process, fill ``n_ctx`` tokens, return its memory figures."""
+    cmd = [python, "-m", "edge.model.measure", str(model), "--n-ctx", str(n_ctx), "--kv", kv_cache_type,
+           "--n-batch", str(n_batch), "--n-seq-max", str(n_seq_max)] + ([] if flash_attn else ["--no-flash-attn"])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise MeasureError(f"measuring {model} took longer than {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+        raise MeasureError(f"measuring {model} failed ({how}) {tail}".rstrip())
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return MeasuredMemory(buffers_mib=parse_buffer_sizes(proc.stderr), **result)
+
+
+def parse_buffer_sizes(llama_log: str) -> dict[str, float]:
+    """Sum llama.cpp's "<name> buffer size = N MiB" lines by buffer kind."""
+    sizes: dict[str, float] = {}
+    for pattern, name in BUFFER_PATTERNS.items():
+        for match in re.finditer(pattern, llama_log):
+            sizes[name] = sizes.get(name, 0.0) + float(match.group(1))
+    return sizes
+
+
+def _fill_context(model_path: str, n_ctx: int, kv: str, n_batch: int, n_seq_max: int, flash_attn: bool) -> int:
+    import llama_cpp  # only in the child: a crash here must not take the caller down
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG)   # buffer sizes go to stderr
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(model_path.encode(), llama_cpp.llama_model_default_params())
+    if not model:
+        raise SystemExit(f"llama.cpp could not load {model_path}")
+    kv_type = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[kv]
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, n_seq_max
+    cp.kv_unified = True
+    cp.type_k = cp.type_v = kv_type
+    cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                          else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    if not ctx:
+        raise SystemExit(f"llama.cpp could not create a context of {n_ctx} tokens")
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+    pos = 0
+    while pos < n_ctx:
+        n = min(n_batch, n_ctx - pos)
+        batch.n_tokens = n
+        for i in range(n):
+            batch.token[i] = (pos + i) * 7919 % min(n_vocab, 150_000)  # spread over ordinary tokens
+            batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = pos + i, 1, 0
+            batch.logits[i] = i == n - 1
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise SystemExit(f"llama_decode failed at position {pos}")
+        pos += n
+    return pos
+
+
+def _rss_split() -> dict[str, int]:
+    """Anonymous vs file-backed resident bytes (Linux), to tell weights pages from buffers."""
+    split = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                split[key.lower().replace("rss", "rss_") + "_bytes"] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return split
+
+
+def _child(argv: list[str]) -> None:
+    import resource
+    import time
+
+    import psutil
+
+    ap = argparse.ArgumentParser(prog="python -m edge.model.measure")
+    ap.add_argument("model")
+    ap.add_argument("--n-ctx", type=int, default=2048)
+    ap.add_argument("--kv", choices=("f16", "q8_0"), default="q8_0")
+    ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--n-seq-max", type=int, default=1)
+    ap.add_argument("--no-flash-attn", action="store_true")
+    args = ap.parse_args(argv)
+    proc = psutil.Process()
+    import llama_cpp  # noqa: F401  (the baseline includes the library, as in the daemon)
+    baseline = proc.memory_info().rss
+    start = time.monotonic()
+    n = _fill_context(args.model, args.n_ctx, args.kv, args.n_batch, args.n_seq_max, not args.no_flash_attn)
+    try:
+        uss = proc.memory_full_info().uss
+    except (psutil.AccessDenied, AttributeError):
+        uss = None
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rss_bytes": proc.memory_info().rss, "peak_rss_bytes": peak_kib * 1024, "uss_bytes": uss,
+                      "baseline_rss_bytes": baseline, "n_tokens": n, **_rss_split(),
+                      "seconds": round(time.monotonic() - start, 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

@@ -1,0 +1,254 @@
+"""Estimate, from a GGUF header alone, the resident memory llama.cpp will need, and plan a fit.
+
+The parts (all measured on llama.cpp's CPU backend; see BENCHMARKS.md "Memory (issue 4)"):
+
+- weights: the model file is mmap'd and every page of its data section ends up resident (each
+  weight is read at least once, and the pages of weights that get repacked stay mapped);
+- repacked weights: the CPU backend copies some quant types into an interleaved layout in an
+  extra (anonymous) buffer of the same size, e.g. Q4_0/Q4_K on x86 with AVX2 (see cpu.py);
+- KV cache: n_layer × n_ctx × n_head_kv × (head_dim_k + head_dim_v) × bytes per element;
+- compute: llama.cpp *reserves* n_vocab × n_ubatch floats for the worst case, but only the
+  activations of one ubatch are ever touched: ~(3·n_ff + 6·n_embd) floats per token, plus a fixed
+  part; without flash attention the n_ctx × n_ubatch × n_head score matrix comes on top;
+- outputs: one row of n_vocab logits per sequence;
+- runtime: Python with llama_cpp and numpy imported, plus the daemon's own modules.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from edge.model.gguf_check import GGUFInfo, TensorEntry
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+# bytes per element of the KV cache types the settings allow
+KV_BYTES_PER_ELEMENT: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32}
+KV_PADDING = 256                       # llama.cpp rounds the cache size up to this many cells
+# Calibrated: python -m edge.model.measure on the stand-in and Qwen1.5-shaped files (BENCHMARKS.md).
+COMPUTE_FIXED_BYTES = 48 * MIB
+COMPUTE_FLOATS_PER_TOKEN = {"n_ff": 3, "n_embd": 6}
+PYTHON_RUNTIME_BYTES = 42 * MIB        # python + llama_cpp + numpy imported (RSS before loading)
+DAEMON_EXTRA_BYTES = 30 * MIB          # fastapi, uvicorn, pydantic, prometheus-client, engine state
+CGROUP_V2_MAX = Path("/sys/fs/cgroup/memory.max")
+CGROUP_V1_LIMIT = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+CGROUP_UNLIMITED = 1 << 60             # v1 reports "no limit" as a huge page-aligned number
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    file_type: str
+    n_ctx: int
+    kv_cache_type: str
+    weights_bytes: int          # mmap'd data section of the file
+    repacked_bytes: int         # extra copies in the CPU_REPACK buffer
+    kv_cache_bytes: int
+    compute_bytes: int          # resident part of the compute buffer
+    output_bytes: int
+    runtime_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weights_bytes + self.repacked_bytes + self.kv_cache_bytes + self.compute_bytes
+                + self.output_bytes + self.runtime_bytes)
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "total_bytes": self.total_bytes}
+
+
+def kv_cache_bytes(info: GGUFInfo, n_ctx: int, kv_cache_type: str) -> int:
+    cells = math.ceil(n_ctx / KV_PADDING) * KV_PADDING
+    per_cell = info.n_head_kv * (info.head_dim_k + info.head_dim_v) * KV_BYTES_PER_ELEMENT[kv_cache_type]
+    return int(info.n_layer * cells * per_cell)
+
+
+def repacked_bytes(info: GGUFInfo, repack_rows: dict[str, int]) -> int:
+    """Bytes of matrix weights the CPU backend repacks; ``repack_rows``: type name -> row multiple."""
+    total = 0
+    for t in info.tensors:
+        multiple = repack_rows.get(t.type_name)
+        # token_embd is read by row lookup (GET_ROWS), which the repacked layout does not serve
+        if multiple and len(t.shape) >= 2 and t.name != "token_embd.weight" and t.shape[1] % multiple == 0:
+            total += t.nbytes
+    return total
+
+
+def compute_bytes(info: GGUFInfo, n_ctx: int, n_batch: int, flash_attn: bool) -> int:
+    floats = sum(n * getattr(info, dim) for dim, n in COMPUTE_FLOATS_PER_TOKEN.items())
+    total = COMPUTE_FIXED_BYTES + n_batch * floats * 4
+    if not flash_attn:
+        total += n_batch * n_ctx * info.n_head * 4
+    return total
+
+
+def estimate_memory(info: GGUFInfo, n_ctx: int, kv_cache_type: str = "q8_0", n_batch: int = 512,
+                    n_seq_max: int = 1, flash_attn: bool = True, repack_rows: dict[str, int] | None = None,
+                    runtime_bytes: int = PYTHON_RUNTIME_BYTES + DAEMON_EXTRA_BYTES) -> MemoryEstimate:
+    """Resident bytes of serving ``info`` with this context; ``repack_rows`` defaults to this CPU's."""
+    if kv_cache_type not in KV_BYTES_PER_ELEMENT:
+        raise ValueError(f"kv_cache_type must be one of {', '.join(KV_BYTES_PER_ELEMENT)}, not {kv_cache_type!r}")
+    if repack_rows is None:
+        from edge.model.cpu import repacked_types_for_this_cpu
+        repack_rows = repacked_types_for_this_cpu()
+    n_ubatch = min(n_batch, n_ctx)
+    return MemoryEstimate(
+        file_type=info.file_type, n_ctx=n_ctx, kv_cache_type=kv_cache_type,
+        weights_bytes=info.size_bytes - info.data_offset,
+        repacked_bytes=repacked_bytes(info, repack_rows),
+        kv_cache_bytes=kv_cache_bytes(info, n_ctx, kv_cache_type),
+        compute_bytes=compute_bytes(info, n_ctx, n_ubatch, flash_attn),
+        output_bytes=info.n_vocab * max(1, n_seq_max) * 4,
+        runtime_bytes=runtime_bytes,
+    )
+
+
+# --- budget --------------------------------------------------------------------------------------
+
+def cgroup_limit_bytes(v2_path: Path = CGROUP_V2_MAX, v1_path: Path = CGROUP_V1_LIMIT) -> int | None:
+    """This process's cgroup memory limit, or None when there is none (or it cannot be read)."""
+    for path in (v2_path, v1_path):
+        try:
+            raw = path.read_text().strip()
+        except OSError:
+            continue
+        if raw == "max":
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            log.warning("unreadable cgroup memory limit in %s: %r", path, raw[:40])
+            continue
+        return value if 0 < value < CGROUP_UNLIMITED else None
+    return None
+
+
+def _own_cgroup_v2_max() -> Path:
+    # The root's memory.max does not exist; a systemd service's limit sits in its own cgroup.
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                candidate = Path("/sys/fs/cgroup") / line[3:].lstrip("/") / "memory.max"
+                if candidate.exists():
+                    return candidate
+    except OSError:
+        pass
+    return CGROUP_V2_MAX
+
+
+def effective_budget_bytes(setting_mb: int, cgroup_limit: int | None | str = "auto") -> int:
+    """The configured budget, or the cgroup's limit when that is lower."""
+    budget = setting_mb * MIB
+    limit = cgroup_limit_bytes(_own_cgroup_v2_max()) if cgroup_limit == "auto" else cgroup_limit
+    return min(budget, limit) if limit else budget
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+# quant -> (rule table: tensor-name fragment -> ggml type; default type for other matrices).
+# Close to llama.cpp's llama-quantize choices, enough to say which file would fit.
+RETYPE_RULES: dict[str, tuple[dict[str, str], str]] = {
+    "f32": ({}, "F32"),
+    "f16": ({}, "F16"),
+    "q8_0": ({}, "Q8_0"),
+    "q4_k_m": ({"output.weight": "Q6_K", "attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"}, "Q4_K"),
+}
+FALLBACK_TYPE = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}   # llama-quantize's choice when a row is not a multiple of 256
+
+
+def _retyped(t: TensorEntry, rules: dict[str, str], default: str, layer_uses_more_bits: bool) -> TensorEntry:
+    if len(t.shape) < 2:
+        return t                                           # norms and biases stay F32
+    target = default
+    for fragment, type_name in rules.items():
+        if t.name.endswith(fragment) and (fragment == "output.weight" or layer_uses_more_bits):
+            target = type_name
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[target]][0]
+    if t.shape[0] % block:
+        target = FALLBACK_TYPE.get(target, "F16")
+    qtype = GGMLQuantizationType[target]
+    block, size = GGML_QUANT_SIZES[qtype]
+    n_rows = math.prod(t.shape[1:])
+    return replace(t, ggml_type=int(qtype), nbytes=t.shape[0] // block * size * n_rows)
+
+
+def _uses_more_bits(name: str, n_layer: int) -> bool:
+    # llama-quantize gives the first and last eighth of layers (and every third between) more bits
+    if not name.startswith("blk."):
+        return False
+    i = int(name.split(".")[1])
+    return i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2
+
+
+def retype_info(info: GGUFInfo, file_type: str) -> GGUFInfo:
+    """The GGUFInfo the same model would have converted to ``file_type`` (header estimate only)."""
+    if file_type == info.file_type:
+        return info
+    rules, default = RETYPE_RULES[file_type]
+    tensors = tuple(_retyped(t, rules, default, _uses_more_bits(t.name, info.n_layer)) for t in info.tensors)
+    by_type: dict[str, int] = {}
+    for t in tensors:
+        by_type[t.type_name] = by_type.get(t.type_name, 0) + t.nbytes
+    size = info.data_offset + sum(-(-t.nbytes // info.alignment) * info.alignment for t in tensors)
+    return replace(info, file_type=file_type, tensors=tensors, tensor_bytes_by_type=by_type, size_bytes=size)
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    fits: bool
+    estimate: MemoryEstimate               # for the requested configuration
+    budget_bytes: int
+    limit_bytes: int                       # budget × headroom: what the estimate must stay under
+    suggestion: MemoryEstimate | None      # the first configuration that fits, when the request does not
+    message: str
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _fmt_budget(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / MIB:.0f} MiB"
+
+
+def plan_fit(info: GGUFInfo, budget_bytes: int, n_ctx: int, kv_cache_type: str = "q8_0", n_batch: int = 512,
+             n_seq_max: int = 1, flash_attn: bool = True, headroom: float = 0.9,
+             quants: tuple[str, ...] = ("q8_0", "q4_k_m"), repack_rows: dict[str, int] | None = None,
+             runtime_bytes: int = PYTHON_RUNTIME_BYTES + DAEMON_EXTRA_BYTES) -> FitPlan:
+    """Does ``info`` fit ``budget_bytes × headroom``? If not, name the largest configuration that does.
+
+    Candidates keep the context as long as possible, then prefer the better quantization, then the
+    larger KV cache type: n_ctx halves down to 512 only when no quant/cache type fits.
+    """
+    kw = dict(n_batch=n_batch, n_seq_max=n_seq_max, flash_attn=flash_attn, repack_rows=repack_rows,
+              runtime_bytes=runtime_bytes)
+    limit = int(budget_bytes * headroom)
+    wanted = estimate_memory(info, n_ctx, kv_cache_type, **kw)
+    label = info.file_type.upper()
+    if wanted.total_bytes <= limit:
+        return FitPlan(True, wanted, budget_bytes, limit, None,
+                       f"{label} n_ctx {n_ctx} kv {kv_cache_type}: est. {_fmt(wanted.total_bytes)} "
+                       f"fits the budget of {_fmt_budget(budget_bytes)}")
+    head = (f"{label} with n_ctx {n_ctx} and kv_cache_type {kv_cache_type} needs {_fmt(wanted.total_bytes)}; "
+            f"budget {_fmt_budget(budget_bytes)} (limit {_fmt(limit)} at {headroom:.0%})")
+    size_now = info.size_bytes
+    options = [info.file_type] + [q for q in quants if q != info.file_type]
+    ctx = n_ctx
+    while ctx >= 256:
+        for quant in options:
+            candidate_info = retype_info(info, quant)
+            if candidate_info.size_bytes > size_now:
+                continue
+            for kv in dict.fromkeys((kv_cache_type, "q8_0")):
+                est = estimate_memory(candidate_info, ctx, kv, **kw)
+                if est.total_bytes <= limit:
+                    msg = (f"{head}; use {quant} with n_ctx {ctx} and kv_cache_type {kv} "
+                           f"(est. {_fmt(est.total_bytes)})")
+                    return FitPlan(False, wanted, budget_bytes, limit, est, msg)
+        ctx = ctx // 2 if ctx > 512 else 0
+    return FitPlan(False, wanted, budget_bytes, limit, None, f"{head}; no quantization or context of 512+ tokens fits")
+

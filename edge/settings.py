@@ -1,0 +1,131 @@
+"""Every setting of qwen-edge, typed and documented once.
+
+Sources, later wins: defaults here < the TOML file (``--config`` or ``QWEN_EDGE_CONFIG``) <
+environment (``QWEN_EDGE_<SECTION>__<FIELD>``, e.g. ``QWEN_EDGE_SERVER__PORT=8080``) < CLI flags.
+The README's configuration table is generated from these definitions (``qwen-edge config --docs``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+DEFAULT_REPO = "Qwen/Qwen1.5-0.5B-Chat"
+# Pinned so a re-download can never silently change the weights the checksums were made for.
+DEFAULT_REVISION = "4d14e384a4b037942bb3f3016665157c8bcb70ea"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _state_dir() -> Path:
+    # systemd's StateDirectory= sets STATE_DIRECTORY; elsewhere follow XDG.
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "qwen-edge"
+
+
+def _default_prompts_dir() -> Path:
+    return PROJECT_ROOT / "prompts"
+
+
+class ModelSettings(BaseModel):
+    path: Path | None = Field(None, description="GGUF file to serve; empty: the best fitting file in `dir`")
+    dir: Path = Field(default_factory=lambda: _state_dir() / "models", description="Folder of converted GGUF files")
+    repo: str = Field(DEFAULT_REPO, description="Hugging Face repo fetched when `dir` is empty")
+    revision: str = Field(DEFAULT_REVISION, description="Pinned revision of `repo`")
+    quant: Literal["q4_k_m", "q8_0", "f32"] = Field("q4_k_m", description="Preferred file type in `dir`")
+    n_ctx: int = Field(2048, ge=256, le=32768, description="Context size (tokens), shared by all sequences")
+    n_batch: int = Field(512, ge=32, le=4096, description="Prompt tokens evaluated per llama.cpp call")
+    n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = number of physical cores")
+    kv_cache_type: Literal["f16", "q8_0"] = Field("q8_0", description="KV cache type (q8_0 halves its memory)")
+    flash_attn: bool = Field(True, description="Flash attention (needed for a quantized V cache)")
+    n_seq_max: int = Field(16, ge=8, le=64, description="KV sequences: 2 sentiment prefixes + chat prefix + 4 sentiment work + chat slots")
+
+
+class PromptSettings(BaseModel):
+    dir: Path = Field(default_factory=_default_prompts_dir, description="Folder holding prompts and grammars")
+    language: Literal["auto", "zh", "en"] = Field("auto", description="Sentiment prompt language; auto = per text")
+    neutral: bool = Field(False, description="Allow the neutral label")
+    few_shot: bool = Field(True, description="Prepend the few-shot examples to the sentiment prompt")
+    max_text_tokens: int = Field(384, ge=16, le=8192, description="Longer texts keep head and tail, flagged truncated")
+
+
+class ChatSettings(BaseModel):
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.8, gt=0.0, le=1.0)
+    top_k: int = Field(20, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(1.05, ge=0.5, le=2.0)
+    max_tokens: int = Field(512, ge=1, le=8192, description="Reply length limit")
+    seed: int = Field(-1, description="-1 = random")
+
+
+class ServerSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Bind address; non-loopback needs an API key")
+    port: int = Field(11434, ge=1, le=65535, description="11434 is Ollama's port, which Home Assistant expects")
+    api_key: str | None = Field(None, description="Bearer key (prefer `api_key_file`)")
+    api_key_file: Path | None = Field(None, description="File holding the Bearer key")
+    insecure_no_key: bool = Field(False, description="Allow a non-loopback bind without a key")
+    queue_size: int = Field(16, ge=1, le=1024, description="Queued requests before 503")
+    request_timeout_s: float = Field(120.0, gt=0, description="Per-request time limit")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body")
+    max_text_chars: int = Field(20000, ge=1, description="Longest text in a request")
+    model_name: str = Field("qwen-edge", description="Model name shown to OpenAI/Ollama clients")
+
+
+class MemorySettings(BaseModel):
+    budget_mb: int = Field(1024, ge=64, description="Memory budget; the cgroup's memory.max when lower")
+    soft_fraction: float = Field(0.9, gt=0, le=1, description="Above this share: drop idle sessions and caches")
+    hard_fraction: float = Field(0.97, gt=0, le=1, description="Above this share: refuse new work (503)")
+    sample_interval_s: float = Field(2.0, gt=0, description="How often memory is sampled")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QWEN_EDGE_", env_nested_delimiter="__", extra="forbid")
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    prompts: PromptSettings = Field(default_factory=PromptSettings)
+    chat: ChatSettings = Field(default_factory=ChatSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_CONFIG_FILE.get("path"))
+        return (init_settings, env_settings, toml)
+
+
+_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+
+
+class SettingsError(ValueError):
+    """A configuration problem, worded for the user."""
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: dict[str, Any]) -> Settings:
+    """Load settings from file + env, then apply ``overrides`` ({section: {field: value}}; None values skipped)."""
+    path = config_file or os.environ.get("QWEN_EDGE_CONFIG")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SettingsError(f"config file not found: {path}")
+    _CONFIG_FILE["path"] = path
+    init = {sec: {k: v for k, v in vals.items() if v is not None} for sec, vals in overrides.items()}
+    try:
+        base = Settings()
+        merged = base.model_dump()
+        for sec, vals in init.items():
+            merged[sec].update(vals)
+        return Settings.model_validate(merged) if init else base
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SettingsError(f"invalid setting {where}: {first['msg']}") from None
+    except Exception as exc:  # TOML syntax errors and the like
+        raise SettingsError(f"cannot read configuration {path or ''}: {exc}") from None
+    finally:
+        _CONFIG_FILE["path"] = None
