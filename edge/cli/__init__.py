@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "bench": "edge.cli.bench_cmd:bench",
     "serve": "edge.cli.serve_cmd:serve",
     "doctor": "edge.cli.doctor_cmd:doctor",
+    "config": "edge.cli.config_cmd:config",
 }
 
 

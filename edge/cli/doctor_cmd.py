@@ -105,33 +105,42 @@ def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / MIB:.0f} MiB"
 
 
+MARK = {True: "ok", False: "FAIL", None: "?"}
+CHECKSUM_TEXT = {None: "not in manifest", True: "matches manifest", False: "MISMATCH with manifest"}
+
+
+def _format_model(m: dict) -> list[str]:
+    lines = [f"  [{MARK[m['ok']]}] {m['path']}"]
+    if m["error"]:
+        return lines + [f"        {m['error']}"]
+    lines.append(f"        {m['file_type']}, {_mb(m['size_bytes'])}, "
+                 f"sha256 {(m['sha256'] or '-')[:16]}… {CHECKSUM_TEXT[m['checksum_ok']]}")
+    if "estimate" in m:
+        lines.append(f"        memory: {m['fit_message']}")
+    measured = m.get("measured")
+    if measured and "rss_bytes" in measured:
+        lines.append(f"        measured RSS {measured['rss_bytes'] / 1e6:.0f} MB vs estimate "
+                     f"{measured['estimate_bare_bytes'] / 1e6:.0f} MB (same process, without the daemon's "
+                     f"own modules): {measured['error']:+.1%}")
+    elif measured:
+        lines.append(f"        measure failed: {measured['error_message']}")
+    return lines
+
+
 def format_report(report: dict) -> str:
     cpu, mem = report["cpu"], report["memory"]
-    mark = {True: "ok", False: "FAIL", None: "?"}
+    amx = "advertised" if any(f.startswith("amx") for f in cpu["features"]) else "not advertised"
+    limit = _mb(mem["cgroup_limit_bytes"]) if mem["cgroup_limit_bytes"] else "none"
     lines = [f"CPU       {cpu['machine']} {cpu['model_name']}",
-             f"          features: {' '.join(cpu['features']) or '-'}",
-             f"          AMX: {'advertised' if any(f.startswith('amx') for f in cpu['features']) else 'not advertised'}",
+             f"          features: {' '.join(cpu['features']) or '-'}; AMX {amx}",
              f"llama.cpp {' '.join(k for k, v in cpu['build'].items() if v == '1') or '-'}",
-             f"build     [{mark[cpu['safe']]}] {cpu['message']}",
+             f"build     [{MARK[cpu['safe']]}] {cpu['message']}",
              f"memory    total {_mb(mem['total_bytes'])}, available {_mb(mem['available_bytes'])}, "
-             f"cgroup limit {_mb(mem['cgroup_limit_bytes']) if mem['cgroup_limit_bytes'] else 'none'}, "
-             f"budget {_mb(mem['effective_budget_bytes'])} (setting {mem['budget_setting_mb']} MB)",
+             f"cgroup limit {limit}, budget {_mb(mem['effective_budget_bytes'])} "
+             f"(memory.budget_mb {mem['budget_setting_mb']})",
              f"models    {report['model_dir']}" + ("" if report["models"] else ": no GGUF files")]
     for m in report["models"]:
-        lines.append(f"  [{mark[m['ok']]}] {m['path']}")
-        if m["error"]:
-            lines.append(f"        {m['error']}")
-            continue
-        check = {None: "not in manifest", True: "matches manifest", False: "MISMATCH with manifest"}[m["checksum_ok"]]
-        lines.append(f"        {m['file_type']}, {_mb(m['size_bytes'])}, sha256 {(m['sha256'] or '-')[:16]}… {check}")
-        if "estimate" in m:
-            lines.append(f"        memory: {m['fit_message']}")
-        measured = m.get("measured")
-        if measured and "rss_bytes" in measured:
-            lines.append(f"        measured RSS {_mb(measured['rss_bytes'])} vs estimate "
-                         f"{_mb(measured['estimate_bare_bytes'])} (bare process): {measured['error']:+.1%}")
-        elif measured:
-            lines.append(f"        measure failed: {measured['error_message']}")
+        lines += _format_model(m)
     lines.append("result    " + ("all good" if report["ok"] else "PROBLEMS FOUND (see FAIL above)"))
     return "\n".join(lines)
 

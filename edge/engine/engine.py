@@ -20,6 +20,7 @@ from edge.engine.prompts import LANGUAGES, PromptSet, load_prompts
 from edge.engine.runtime import KVCacheFull, LlamaRuntime, RuntimeConfig
 from edge.engine.sentiment import SentimentClassifier
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams, SentimentResult
+from edge.model.gguf_check import check_gguf
 from edge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Engine:
 
     @classmethod
     def load(cls, model_path: Path | str, settings: Settings) -> "Engine":
+        check_gguf(model_path)  # a hostile or broken file is refused here, before llama.cpp parses it
         m = settings.model
         rt = LlamaRuntime(model_path, RuntimeConfig(n_ctx=m.n_ctx, n_batch=m.n_batch, n_threads=m.n_threads,
                                                     n_seq_max=m.n_seq_max, kv_cache_type=m.kv_cache_type,

@@ -20,7 +20,17 @@ import llama_cpp
 import numpy as np
 
 log = logging.getLogger(__name__)
-logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own chatter
+_llama_log = logging.getLogger("edge.llama_cpp")
+
+
+@llama_cpp.llama_log_callback
+def _route_llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # llama.cpp writes straight to stderr by default. Route it into logging at debug level (-vv):
+    # what it reports is about the file or the build, and our own checks report real problems.
+    _llama_log.debug("%s", text.decode("utf-8", errors="replace").rstrip())
+
+
+llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
 
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
 KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}

@@ -167,6 +167,11 @@ class SentimentClassifier:
             tokens = tokens[:head] + self.rt.tokenize(" … ") + tokens[-(self.max_text_tokens - head):]
         return self.langs[lang_name], tokens, truncated
 
+    def request_tokens(self, text: str, language: str | None = None) -> list[int]:
+        """Exactly the tokens a request for `text` evaluates (its text + the turn's closing), for benchmarks."""
+        lang, tokens, _ = self._prepare(text, language)
+        return tokens + lang.suffix
+
     def classify_many(self, texts: list[str], language: str | None = None) -> list[SentimentResult]:
         prepared = [self._prepare(t, language) for t in texts]  # validate all before any work
         results: list[SentimentResult] = []

@@ -127,9 +127,10 @@ if len(sys.argv) > 1:
     if not ctx:
         sys.exit("probe: llama.cpp could not create a context")
     for n in (16, 1):  # a batch (prompt path) and a single token (decode path)
-        batch = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * n)(*range(1, n + 1)), n)
-        if llama_cpp.llama_decode(ctx, batch) != 0:
-            sys.exit("probe: llama_decode failed")
+        tokens = (llama_cpp.llama_token * n)(*range(100, 100 + n))  # kept alive while the batch points to it
+        rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tokens, n))
+        if rc != 0:
+            sys.exit("probe: llama_decode failed (%d)" % rc)
     print("DECODE_OK", flush=True)
 """
 

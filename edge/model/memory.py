@@ -33,8 +33,10 @@ KV_PADDING = 256                       # llama.cpp rounds the cache size up to t
 # Calibrated: python -m edge.model.measure on the stand-in and Qwen1.5-shaped files (BENCHMARKS.md).
 COMPUTE_FIXED_BYTES = 48 * MIB
 COMPUTE_FLOATS_PER_TOKEN = {"n_ff": 3, "n_embd": 6}
-PYTHON_RUNTIME_BYTES = 42 * MIB        # python + llama_cpp + numpy imported (RSS before loading)
-DAEMON_EXTRA_BYTES = 30 * MIB          # fastapi, uvicorn, pydantic, prometheus-client, engine state
+# RSS of python with numpy, llama_cpp, gguf and the settings (pydantic) imported, before loading:
+PYTHON_RUNTIME_BYTES = 59 * MIB
+# on top, in the daemon: fastapi, uvicorn, prometheus-client (11 MiB measured) + engine state, threads
+DAEMON_EXTRA_BYTES = 24 * MIB
 CGROUP_V2_MAX = Path("/sys/fs/cgroup/memory.max")
 CGROUP_V1_LIMIT = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
 CGROUP_UNLIMITED = 1 << 60             # v1 reports "no limit" as a huge page-aligned number
@@ -149,8 +151,9 @@ def effective_budget_bytes(setting_mb: int, cgroup_limit: int | None | str = "au
 
 # --- planning ------------------------------------------------------------------------------------
 
-# quant -> (rule table: tensor-name fragment -> ggml type; default type for other matrices).
-# Close to llama.cpp's llama-quantize choices, enough to say which file would fit.
+# quant -> (tensor role -> ggml type, default type for other matrices). A role is the name without
+# "blk.N."; layer roles apply to the layers llama-quantize gives more bits. Close to llama-quantize's
+# choices (Qwen1.5-0.5B: 665 / 407 MB), enough to say which file would fit.
 RETYPE_RULES: dict[str, tuple[dict[str, str], str]] = {
     "f32": ({}, "F32"),
     "f16": ({}, "F16"),
@@ -160,13 +163,15 @@ RETYPE_RULES: dict[str, tuple[dict[str, str], str]] = {
 FALLBACK_TYPE = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}   # llama-quantize's choice when a row is not a multiple of 256
 
 
-def _retyped(t: TensorEntry, rules: dict[str, str], default: str, layer_uses_more_bits: bool) -> TensorEntry:
+def _retyped(t: TensorEntry, rules: dict[str, str], default: str, n_layer: int) -> TensorEntry:
     if len(t.shape) < 2:
         return t                                           # norms and biases stay F32
-    target = default
-    for fragment, type_name in rules.items():
-        if t.name.endswith(fragment) and (fragment == "output.weight" or layer_uses_more_bits):
-            target = type_name
+    parts = t.name.split(".")
+    in_layer = parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit()
+    role = ".".join(parts[2:]) if in_layer else t.name
+    target = rules.get(role, default)
+    if in_layer and not _uses_more_bits(int(parts[1]), n_layer):
+        target = default
     block = GGML_QUANT_SIZES[GGMLQuantizationType[target]][0]
     if t.shape[0] % block:
         target = FALLBACK_TYPE.get(target, "F16")
@@ -176,11 +181,8 @@ def _retyped(t: TensorEntry, rules: dict[str, str], default: str, layer_uses_mor
     return replace(t, ggml_type=int(qtype), nbytes=t.shape[0] // block * size * n_rows)
 
 
-def _uses_more_bits(name: str, n_layer: int) -> bool:
-    # llama-quantize gives the first and last eighth of layers (and every third between) more bits
-    if not name.startswith("blk."):
-        return False
-    i = int(name.split(".")[1])
+def _uses_more_bits(i: int, n_layer: int) -> bool:
+    # llama-quantize: the first and last eighth of the layers, and every third one between
     return i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2
 
 
@@ -189,7 +191,7 @@ def retype_info(info: GGUFInfo, file_type: str) -> GGUFInfo:
     if file_type == info.file_type:
         return info
     rules, default = RETYPE_RULES[file_type]
-    tensors = tuple(_retyped(t, rules, default, _uses_more_bits(t.name, info.n_layer)) for t in info.tensors)
+    tensors = tuple(_retyped(t, rules, default, info.n_layer) for t in info.tensors)
     by_type: dict[str, int] = {}
     for t in tensors:
         by_type[t.type_name] = by_type.get(t.type_name, 0) + t.nbytes

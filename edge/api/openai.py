@@ -1,0 +1,100 @@
+"""OpenAI-compatible API: POST /v1/chat/completions (SSE stream or one JSON), GET /v1/models.
+
+Any model name is served by the one loaded model (OpenAI clients often insist on sending one).
+Fields we do not use (tools, response_format, logprobs, ...) are accepted and ignored.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge.api.common import open_chat, sampling, serving_of, sse, streaming, to_chat_messages
+from edge.api.errors import ApiError, error_body
+from edge.api.serving import ChatStream
+from edge.engine.types import ChatStats
+
+router = APIRouter()
+SSE_DONE = b"data: [DONE]\n\n"
+# engine finish reason -> OpenAI finish_reason
+FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "stop", "error": "stop"}
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # tools, response_format, user, ...: accepted, unused
+    model: str = ""
+    messages: list[OpenAIMessage]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1, description="Only one choice is generated")
+
+
+def usage(stats: ChatStats) -> dict:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> JSONResponse:
+    serving = serving_of(request)
+    return JSONResponse({"object": "list", "data": [
+        {"id": serving.settings.server.model_name, "object": "model", "created": int(serving.started_at),
+         "owned_by": "qwen-edge"}]})
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    if not body.messages:
+        raise ApiError(400, "messages is empty")
+    messages = to_chat_messages(((m.role, m.content) for m in body.messages), request)
+    params = sampling(body.temperature, body.top_p, None, body.max_completion_tokens or body.max_tokens,
+                      body.seed, body.stop)
+    chat = await open_chat(request, messages, params)
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+            "model": serving_of(request).settings.server.model_name}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return streaming(_chunks(chat, meta, include_usage), "text/event-stream",
+                         lambda message: sse(error_body("/v1/", 500, message, "generation_error")))
+    text = await chat.text()
+    return JSONResponse({**meta, "object": "chat.completion", "choices": [{
+        "index": 0, "message": {"role": "assistant", "content": text},
+        "finish_reason": FINISH_REASONS.get(chat.stats.finish_reason, "stop"), "logprobs": None}],
+        "usage": usage(chat.stats)})
+
+
+def _chunk(meta: dict, delta: dict, finish_reason: str | None = None) -> bytes:
+    return sse({**meta, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]})
+
+
+async def _chunks(chat: ChatStream, meta: dict, include_usage: bool) -> AsyncIterator[bytes]:
+    yield _chunk(meta, {"role": "assistant", "content": ""})
+    async for piece in chat.pieces():
+        yield _chunk(meta, {"content": piece})
+    yield _chunk(meta, {}, FINISH_REASONS.get(chat.stats.finish_reason, "stop"))
+    if include_usage:
+        yield sse({**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage(chat.stats)})
+    yield SSE_DONE

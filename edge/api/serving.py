@@ -1,0 +1,216 @@
+"""What every protocol module talks to: the one loaded model behind its scheduler, plus status.
+
+The protocol modules (native, openai, ollama) translate requests into calls here and translate the
+results back; none of them touches the engine directly. Admission (loading, memory pressure, full
+queue) is decided here, so every protocol refuses work the same way.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+
+from edge.engine.scheduler import ChatHandle, Scheduler
+from edge.engine.types import ChatMessage, ChatStats, SamplingParams, SentimentResult
+from edge.model.gguf_check import GGUFInfo, check_gguf
+from edge.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import Request
+
+    from edge.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+POLL_S = 0.25  # how often a waiting request checks whether its client is still there
+
+
+class MemoryMonitor(Protocol):
+    """What the API needs of the daemon's memory guard (edge.daemon.memory_guard.MemoryGuard)."""
+
+    @property
+    def accepting_work(self) -> bool: ...
+
+    def snapshot(self) -> dict: ...
+
+
+class NotReady(RuntimeError):
+    """The model is still loading (or failed to load)."""
+
+
+class MemoryPressure(RuntimeError):
+    """Memory is above the hard limit: new work is refused until it comes back down."""
+
+
+class RequestTimeout(TimeoutError):
+    """The request ran past server.request_timeout_s."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited."""
+
+
+@dataclass
+class ServingState:
+    """The daemon's shared state, stored on ``app.state.serving``."""
+    settings: Settings
+    guard: MemoryMonitor | None = None
+    engine: "Engine | None" = None
+    scheduler: Scheduler | None = None
+    model_info: dict = field(default_factory=dict)   # GGUF facts for /api/tags, /api/show, /v1/models
+    status: str = "loading"                            # loading | ready | failed | stopping
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+    loaded_at: float | None = None
+    _shed_requested: threading.Event = field(default_factory=threading.Event)
+    _pending_reload: "Callable[[], None] | None" = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def attach(self, engine: "Engine", scheduler: Scheduler | None = None) -> None:
+        """Serve ``engine``: start its scheduler and hook the memory guard's soft-limit action."""
+        sched = scheduler or Scheduler(engine, self.settings.server.queue_size)
+        sched.on_idle_step = self._idle_step
+        if scheduler is None:
+            sched.start()
+        self.engine, self.scheduler = engine, sched
+        self.model_info = {**engine.info(), **model_facts(check_gguf(engine.rt.path)), **self.model_info}
+        self.loaded_at = time.time()
+        self.status = "ready"
+
+    def fail(self, message: str) -> None:
+        self.status, self.error = "failed", message
+
+    def request_shed(self, *_: object) -> None:
+        """Memory guard callback (any thread): ask the engine worker to drop idle sessions."""
+        self._shed_requested.set()
+
+    def request_reload(self, action: "Callable[[], None]") -> None:
+        """Run ``action`` (SIGHUP: new prompts/config) on the engine worker once no reply is running:
+        rebuilding prompts clears the KV cache, which a reply in progress still uses."""
+        self._pending_reload = action
+
+    def _idle_step(self) -> None:
+        # Runs on the scheduler's worker thread, the only thread that may touch the engine freely.
+        if self._shed_requested.is_set() and self.engine is not None:
+            self._shed_requested.clear()
+            dropped = self.engine.drop_idle()
+            log.warning("memory pressure: dropped %d idle chat sessions", dropped)
+        action = self._pending_reload
+        if action is not None and self.scheduler is not None and self.scheduler.active_chats == 0:
+            self._pending_reload = None
+            try:
+                action()
+            except Exception as exc:  # a bad edit must not take the daemon down: old state stays
+                log.error("reload failed, keeping the running configuration: %s", exc)
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> bool:
+        self.status = "stopping"
+        if self.scheduler is None:
+            return True
+        return self.scheduler.stop(drain=drain, timeout=timeout)
+
+    # -- status ---------------------------------------------------------------------------------
+    @property
+    def health(self) -> str:
+        """loading | ready | degraded | failed | stopping, as /health reports it."""
+        if self.status != "ready":
+            return self.status
+        memory_ok = self.guard is None or self.guard.snapshot().get("state", "ok") == "ok"
+        worker_ok = self.scheduler is not None and self.scheduler._thread is not None \
+            and self.scheduler._thread.is_alive()
+        return "ready" if memory_ok and worker_ok else "degraded"
+
+    def _admit(self) -> Scheduler:
+        if self.status != "ready" or self.scheduler is None:
+            raise NotReady(self.error or f"the model is {self.status}")
+        if self.guard is not None and not self.guard.accepting_work:
+            raise MemoryPressure("memory is above the hard limit; try again shortly")
+        return self.scheduler
+
+    # -- work -----------------------------------------------------------------------------------
+    async def classify(self, texts: list[str], language: str | None = None,
+                       request: "Request | None" = None) -> list[SentimentResult]:
+        future = self._admit().classify(texts, language)
+        waiting = asyncio.wrap_future(future)
+        deadline = time.monotonic() + self.settings.server.request_timeout_s
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=POLL_S)
+            if done:
+                return waiting.result()
+            if time.monotonic() > deadline:
+                future.cancel()
+                raise RequestTimeout(f"sentiment took longer than {self.settings.server.request_timeout_s:g} s")
+            if request is not None and await request.is_disconnected():
+                future.cancel()
+                raise ClientGone()
+
+    def chat(self, messages: list[ChatMessage], params: SamplingParams) -> ChatHandle:
+        return self._admit().chat(messages, params, timeout_s=self.settings.server.request_timeout_s)
+
+
+def model_facts(info: GGUFInfo) -> dict:
+    """What clients are told about the model file (Ollama's /api/tags and /api/show, /health)."""
+    stat = info.path.stat()
+    n = info.n_params
+    return {
+        "path": str(info.path), "file_type": info.file_type, "arch": info.arch, "size_bytes": info.size_bytes,
+        "n_params": n, "parameter_size": f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M",
+        "n_ctx_train": info.n_ctx_train, "n_layer": info.n_layer, "n_embd": info.n_embd,
+        # a cheap stable id (hashing 400 MB at every start would cost seconds on a Pi)
+        "digest": hashlib.sha256(f"{info.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest(),
+        "modified_at": datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat().replace("+00:00", "Z"),
+    }
+
+
+class ChatStream:
+    """Async view of a ChatHandle: pieces as they come; cancels generation when dropped early."""
+
+    def __init__(self, handle: ChatHandle, request: "Request | None" = None,
+                 on_end: "Callable[[ChatStats], None] | None" = None) -> None:
+        self.handle = handle
+        self.request = request
+        self.on_end = on_end
+        self._first: list[object] = []
+
+    @property
+    def stats(self) -> ChatStats:
+        return self.handle.stats
+
+    async def _next(self) -> object:
+        while True:
+            try:
+                return await anyio.to_thread.run_sync(self.handle.get, POLL_S)
+            except queue.Empty:  # nothing yet
+                pass
+            if self.request is not None and await self.request.is_disconnected():
+                self.handle.cancel()
+                raise ClientGone()
+
+    async def prime(self) -> None:
+        """Wait for the first piece, so errors found before generation (context overflow) can
+        still become an HTTP status instead of an event inside a started stream."""
+        item = await self._next()
+        self._first.append(item)
+
+    async def pieces(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                item = self._first.pop() if self._first else await self._next()
+                if item is ChatHandle.END:
+                    return
+                yield item  # type: ignore[misc]
+        finally:
+            self.handle.cancel()  # a no-op when finished; stops generation when the client left
+            if self.on_end is not None:
+                self.on_end(self.handle.stats)
+
+    async def text(self) -> str:
+        return "".join([p async for p in self.pieces()])

@@ -1,0 +1,86 @@
+"""`qwen-edge classify` and `qwen-edge chat`: the engine in a terminal."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edge.cli.common import config_option, friendly_errors, model_option, open_engine, settings_from
+
+EMOJI = {"positive": "😄", "negative": "😞", "neutral": "😐"}
+SENTIMENT_LINE = {"zh": "{emoji} LLM 情感判断: {display}", "en": "{emoji} LLM sentiment: {display}"}
+
+
+@click.command()
+@click.argument("text", required=False)
+@click.option("--file", "in_file", type=click.Path(path_type=Path), help="Bulk: TSV with a `text` column, or one text a line.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="Bulk: results TSV (a re-run resumes).")
+@click.option("--language", type=click.Choice(["auto", "en", "zh"]), default=None, help="Prompt language.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@model_option
+@config_option
+def classify(text: str | None, in_file: Path | None, out_file: Path | None, language: str | None,
+             as_json: bool, model_path: Path | None, config_file: Path | None) -> None:
+    """Sentiment of TEXT, or of every row of --file into --out."""
+    if (text is None) == (in_file is None):
+        raise click.UsageError("give either TEXT or --file IN --out OUT")
+    if in_file is not None and out_file is None:
+        raise click.UsageError("--file needs --out")
+    settings = settings_from(config_file, prompts={"language": language})
+    lang = None if language in (None, "auto") else language
+    engine = open_engine(settings, model_path)
+    with friendly_errors():
+        if text is not None:
+            r = engine.classify(text, lang)
+            click.echo(json.dumps(r.to_dict(), ensure_ascii=False) if as_json else
+                       f"{r.label}\t{r.probability:.3f}\t{r.language}" + ("\ttruncated" if r.truncated else ""))
+            return
+        _classify_bulk(engine, in_file, out_file, lang)
+
+
+def _classify_bulk(engine, in_file: Path, out_file: Path, lang: str | None) -> None:
+    from tqdm import tqdm
+
+    from edge.engine.bulk import classify_file, read_texts
+    texts = read_texts(in_file)
+    with tqdm(total=len(texts), unit="text", disable=None, file=sys.stderr) as bar:
+        for _ in classify_file(texts, out_file, lambda chunk: engine.classify_many(chunk, lang), progress=bar.update):
+            pass
+    click.echo(f"{len(texts)} rows -> {out_file}", err=True)
+
+
+@click.command()
+@model_option
+@config_option
+@click.option("--max-tokens", type=int, default=None, help="Reply length limit.")
+def chat(model_path: Path | None, config_file: Path | None, max_tokens: int | None) -> None:
+    """Interactive chat: the sentiment line first, then the streamed reply. /reset, /exit."""
+    from edge.engine.types import SamplingParams
+    settings = settings_from(config_file)
+    engine = open_engine(settings, model_path)
+    convo = engine.conversation()
+    interactive = sys.stdin.isatty()
+    params = SamplingParams(max_tokens=max_tokens)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            convo.reset()
+            click.echo("(conversation cleared)")
+            continue
+        with friendly_errors():
+            label, reply = convo.respond(line, params)
+            click.echo(SENTIMENT_LINE[label.language].format(emoji=EMOJI.get(label.label, "🙂"), display=label.display))
+            for piece in reply:
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+            click.echo()

@@ -1,0 +1,1 @@
+"""Measuring the engine: labelled data sets, accuracy metrics and side-by-side speed benchmarks."""

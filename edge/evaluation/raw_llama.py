@@ -1,0 +1,82 @@
+"""The compute floor: bare llama.cpp calls on the engine's already loaded weights.
+
+A second llama.cpp context is created on the engine's model (the weights are shared, not copied)
+with llama.cpp's *default* context parameters except n_ctx, n_batch and the thread count, which
+match the engine's. Definitions used by the benchmark:
+
+- prefill floor of a request: wall time of ONE `llama_decode` of exactly the tokens the engine's
+  request evaluates (its text + the turn's closing tokens), logits for the last token only, on an
+  EMPTY KV cache (position 0). No tokenization, no Python work, no sampling is counted.
+- raw prefill rate: tokens/s of one `llama_decode` of n_batch tokens on an empty KV cache.
+- raw decode rate: tokens/s of single-token `llama_decode` calls with greedy argmax, after a prompt,
+  timed from the first generated token's decode to the last one.
+"""
+from __future__ import annotations
+
+import time
+
+import llama_cpp
+import numpy as np
+
+from edge.engine.runtime import LlamaRuntime
+
+
+class RawContext:
+    def __init__(self, rt: LlamaRuntime) -> None:
+        self.rt = rt
+        threads = llama_cpp.llama_n_threads(rt.ctx)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = rt.n_ctx
+        params.n_batch = rt.n_batch
+        params.n_ubatch = rt.n_batch
+        params.n_threads = threads
+        params.n_threads_batch = llama_cpp.llama_n_threads_batch(rt.ctx)
+        params.no_perf = True
+        self.threads = threads
+        self.ctx = llama_cpp.llama_init_from_model(rt.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create the raw benchmark context")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+
+    def _decode(self, tokens: list[int]) -> float:
+        """One llama_decode of `tokens` appended to the cache; returns its wall time in seconds."""
+        arr = (llama_cpp.llama_token * len(tokens))(*tokens)
+        batch = llama_cpp.llama_batch_get_one(arr, len(tokens))
+        t0 = time.perf_counter()
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        elapsed = time.perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+        return elapsed
+
+    def prefill_ms(self, tokens: list[int]) -> float:
+        """The prefill floor of `tokens`: one decode on an empty KV cache, in ms."""
+        if len(tokens) > self.rt.n_batch:
+            raise ValueError(f"{len(tokens)} tokens do not fit one batch of {self.rt.n_batch}")
+        llama_cpp.llama_memory_clear(self.memory, True)
+        return self._decode(tokens) * 1000
+
+    def prefill_tps(self, sample_tokens: list[int], repeats: int = 3) -> float:
+        """Best-case prefill throughput: full n_batch batches on an empty cache (median of repeats)."""
+        n = self.rt.n_batch
+        tokens = (sample_tokens * (n // max(1, len(sample_tokens)) + 1))[:n]
+        times = [self.prefill_ms(tokens) for _ in range(repeats)]
+        return n / (float(np.median(times)) / 1000)
+
+    def decode_tps(self, prompt: list[int], n_tokens: int = 64) -> float:
+        """Greedy single-token decoding after `prompt`; tokens/s over n_tokens steps."""
+        llama_cpp.llama_memory_clear(self.memory, True)
+        self._decode(prompt)
+        total = 0.0
+        for _ in range(n_tokens):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.rt.n_vocab,))
+            t0 = time.perf_counter()
+            tok = int(np.argmax(logits))
+            total += time.perf_counter() - t0
+            total += self._decode([tok])
+        return n_tokens / total
+
+    def close(self) -> None:
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
