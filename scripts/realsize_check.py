@@ -2,17 +2,17 @@
 """Real-size check of the converter (issue 2): a real Qwen2-family GGUF → HF folder → our pipeline.
 
     .venv/bin/python scripts/realsize_check.py --standin STANDIN.gguf --work /tmp/realsize \
-        [--prompts 60] [--qwen15] [--keep] [--markdown out.md]
+        [--prompts 60] [--qwen15 | --qwen15-only] [--keep] [--json figures.json]
 
-Steps, each in its own process, timed, with peak RSS (the kernel's ru_maxrss of that process,
-which counts file-backed mapped pages too) and peak anonymous RSS (sampled from /proc every 50 ms):
+Steps, each in its own process, timed, with peak RSS (VmHWM) and peak anonymous RSS (RssAnon),
+sampled from /proc every 20 ms:
   1. ../shared/tools/gguf_to_hf.py  STANDIN → HF folder (float32 safetensors)
   2. scripts/convert_and_quantize.sh --types f32, then q8_0, then q4_k_m (each reusing the F32)
-  3. optionally (--qwen15) make_qwen15_shaped.py → convert --types f32 of Qwen1.5-0.5B's shapes
-Then, in this process: every F32 GGUF tensor against the source safetensors tensor (exact), and
-next-token top-1 agreement on Chinese, English and ChatML prompts: our F32 vs the original GGUF,
-Q8_0 vs our F32, Q4_K_M vs our F32. Prints a Markdown section; deletes the multi-GB outputs
-unless --keep.
+  3. optionally (--qwen15) make_qwen15_shaped.py → the same three conversions of Qwen1.5-0.5B's shapes
+Then, after all measured steps (so this process is still small while they run): every F32 GGUF
+tensor against the source safetensors tensor (exact), and next-token top-1 agreement on Chinese,
+English and ChatML prompts: our F32 vs the original GGUF, Q8_0 vs our F32, Q4_K_M vs our F32.
+Prints the figures as JSON; deletes the multi-GB outputs unless --keep.
 """
 from __future__ import annotations
 
@@ -61,32 +61,33 @@ def prompts(n: int) -> list[tuple[str, str]]:
     return every[:n]
 
 
-def _rss_anon(pid: int) -> int:
+def _proc_status(pid: int) -> dict[str, int]:
+    """VmHWM (peak RSS of the current process image) and RssAnon, in bytes; {} once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
+                    if k in ("VmHWM", "RssAnon")}
+    except (OSError, ValueError):
+        return {}
 
 
 def measure(label: str, cmd: list[str], results: list[dict]) -> dict:
-    """Run `cmd`, return wall time, ru_maxrss and sampled peak RssAnon; fail loudly on error."""
+    """Run `cmd`; wall time and peak RSS sampled every 20 ms from /proc (VmHWM, not ru_maxrss:
+    the kernel carries a parent's peak across fork+exec). Fail loudly on error."""
     print(f"[{label}] {' '.join(cmd)}", file=sys.stderr, flush=True)
     start = time.monotonic()
     proc = subprocess.Popen(cmd)
-    peak_anon = 0
+    peak_rss = peak_anon = 0
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        pid, status, _usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        peak_anon = max(peak_anon, _rss_anon(proc.pid))
-        time.sleep(0.05)
+        now = _proc_status(proc.pid)
+        peak_rss, peak_anon = max(peak_rss, now.get("VmHWM", 0)), max(peak_anon, now.get("RssAnon", 0))
+        time.sleep(0.02)
     proc.returncode = os.waitstatus_to_exitcode(status)
     row = {"step": label, "cmd": " ".join(cmd), "wall_s": round(time.monotonic() - start, 1),
-           "peak_rss_mib": round(usage.ru_maxrss / 1024), "peak_anon_mib": round(peak_anon / MIB),
+           "peak_rss_mib": round(peak_rss / MIB), "peak_anon_mib": round(peak_anon / MIB),
            "rc": proc.returncode}
     results.append(row)
     if proc.returncode != 0:
@@ -141,6 +142,31 @@ def agreement(a: list[int], b: list[int], kinds: list[str]) -> dict:
     return out
 
 
+def convert_steps(wrapper: str, src: Path, out: Path, name: str, label: str, threads: int, steps: list[dict]) -> dict:
+    """F32, then Q8_0, then Q4_K_M (each reusing the F32), each its own measured process; sizes in MB."""
+    for kind in ("f32", "q8_0", "q4_k_m"):
+        measure(f"{label} {kind}", [wrapper, "--from-dir", str(src), "--out", str(out), "--types", kind,
+                                    "--name", name, "--no-progress", "--threads", str(threads)], steps)
+    return {k: round((out / f"{name}-{k}.gguf").stat().st_size / 1e6, 1) for k in ("f32", "q8_0", "q4_k_m")}
+
+
+def comparisons(standin: Path, hf: Path, out: Path, n_prompts: int, threads: int, figures: dict) -> None:
+    files = {k: out / f"standin-{k}.gguf" for k in ("f32", "q8_0", "q4_k_m")}
+    figures["source_mb"] = round(sum(p.stat().st_size for p in hf.glob("*.safetensors")) / 1e6, 1)
+    n, equal = compare_tensors(files["f32"], hf)
+    figures["f32_tensors"] = {"compared": n, "exactly_equal": equal}
+    chosen = prompts(n_prompts)
+    kinds, texts = [k for k, _ in chosen], [t for _, t in chosen]
+    tops, ids = {}, {}
+    for name, path in [("original", standin), *files.items()]:
+        tops[name], ids[name] = top1(path, texts, threads)
+    figures["prompts"] = {k: kinds.count(k) for k in sorted(set(kinds))}
+    figures["same_token_ids_as_original"] = sum(x == y for x, y in zip(ids["f32"], ids["original"]))
+    figures["top1"] = {"f32_vs_original": agreement(tops["f32"], tops["original"], kinds),
+                       "q8_0_vs_f32": agreement(tops["q8_0"], tops["f32"], kinds),
+                       "q4_k_m_vs_f32": agreement(tops["q4_k_m"], tops["f32"], kinds)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--standin", type=Path, default=os.environ.get("QWEN_EDGE_STANDIN_GGUF"), required=False)
@@ -148,46 +174,28 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--qwen15", action="store_true", help="also convert a Qwen1.5-0.5B-shaped folder")
+    ap.add_argument("--qwen15-only", action="store_true", help="only the Qwen1.5-shaped steps")
     ap.add_argument("--keep", action="store_true", help="keep the multi-GB outputs")
     ap.add_argument("--json", type=Path, default=None, help="write all figures here")
     a = ap.parse_args()
     if not a.standin or not a.standin.is_file():
         raise SystemExit("need --standin GGUF (or QWEN_EDGE_STANDIN_GGUF)")
     py, wrapper = sys.executable, str(ROOT / "scripts" / "convert_and_quantize.sh")
-    hf, out = a.work / "hf", a.work / "out"
+    hf, out, q15 = a.work / "hf", a.work / "out", a.work / "qwen15"
     a.work.mkdir(parents=True, exist_ok=True)
     steps: list[dict] = []
     figures: dict = {"standin": str(a.standin), "steps": steps}
-    try:
+    try:  # every measured step first, while this process is still small
         measure("gguf_to_hf", [py, str(TOOLS / "gguf_to_hf.py"), str(a.standin), str(hf)], steps)
-        for kind in ("f32", "q8_0", "q4_k_m"):
-            measure(f"convert {kind}", [wrapper, "--from-dir", str(hf), "--out", str(out), "--types", kind,
-                                        "--name", "standin", "--no-progress", "--threads", str(a.threads)], steps)
-        files = {k: out / f"standin-{k}.gguf" for k in ("f32", "q8_0", "q4_k_m")}
-        figures["sizes_mb"] = {k: round(p.stat().st_size / 1e6, 1) for k, p in files.items()}
-        figures["sizes_mb"]["original"] = round(a.standin.stat().st_size / 1e6, 1)
-        figures["source_mb"] = round(sum(p.stat().st_size for p in hf.glob("*.safetensors")) / 1e6, 1)
-        n, equal = compare_tensors(files["f32"], hf)
-        figures["f32_tensors"] = {"compared": n, "exactly_equal": equal}
-        chosen = prompts(a.prompts)
-        kinds, texts = [k for k, _ in chosen], [t for _, t in chosen]
-        tops, ids = {}, {}
-        for name, path in [("original", a.standin), *files.items()]:
-            tops[name], ids[name] = top1(path, texts, a.threads)
-        figures["prompts"] = {k: kinds.count(k) for k in sorted(set(kinds))}
-        figures["same_token_ids_as_original"] = sum(x == y for x, y in zip(ids["f32"], ids["original"]))
-        figures["top1"] = {"f32_vs_original": agreement(tops["f32"], tops["original"], kinds),
-                           "q8_0_vs_f32": agreement(tops["q8_0"], tops["f32"], kinds),
-                           "q4_k_m_vs_f32": agreement(tops["q4_k_m"], tops["f32"], kinds)}
-        if a.qwen15:
-            q15, q15_out = a.work / "qwen15", a.work / "qwen15_out"
+        if not a.qwen15_only:
+            figures["sizes_mb"] = convert_steps(wrapper, hf, out, "standin", "convert", a.threads, steps)
+            figures["sizes_mb"]["original"] = round(a.standin.stat().st_size / 1e6, 1)
+        if a.qwen15 or a.qwen15_only:
             measure("make_qwen15_shaped", [py, str(TOOLS / "make_qwen15_shaped.py"), str(hf), str(q15)], steps)
-            for kind in ("f32", "q8_0", "q4_k_m"):
-                measure(f"qwen15-shaped convert {kind}", [wrapper, "--from-dir", str(q15), "--out", str(q15_out),
-                                                          "--types", kind, "--name", "qwen15", "--no-progress",
-                                                          "--threads", str(a.threads)], steps)
-            figures["qwen15_sizes_mb"] = {k: round((q15_out / f"qwen15-{k}.gguf").stat().st_size / 1e6, 1)
-                                          for k in ("f32", "q8_0", "q4_k_m")}
+            figures["qwen15_sizes_mb"] = convert_steps(wrapper, q15, a.work / "qwen15_out", "qwen15",
+                                                       "qwen15-shaped convert", a.threads, steps)
+        if not a.qwen15_only:
+            comparisons(a.standin, hf, out, a.prompts, a.threads, figures)
     finally:
         if not a.keep:
             for d in ("hf", "out", "qwen15", "qwen15_out"):

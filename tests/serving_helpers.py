@@ -57,7 +57,7 @@ class LiveServer:
         self.thread.join(timeout=15)
 
     def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
+        return httpx.Client(base_url=self.url, **{"timeout": 60, **kw})
 
 
 @contextmanager

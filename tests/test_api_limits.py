@@ -163,3 +163,21 @@ def test_memory_pressure_refuses_new_work_and_degrades_health(live, http):
     finally:
         live.serving.guard = None
     assert http.post("/v1/sentiment", json={"text": "hi"}).status_code == 200
+
+
+def test_non_streaming_client_that_gives_up_stops_its_generation(live):
+    scheduler = live.serving.scheduler
+    with live.client(headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0) as impatient:
+        for seed in range(2, 8):  # a random-weight model may end a reply early; find one still running at 1 s
+            body = {"messages": [{"role": "user", "content": "tell me a long story"}], "seed": seed, "max_tokens": 1500}
+            try:
+                impatient.post("/v1/chat/completions", json=body)
+            except httpx.ReadTimeout:
+                break
+        else:
+            pytest.skip("every reply ended before the client gave up")
+    assert scheduler.active_chats == 1  # still generating when the client left (1500 tokens take ~20 s)
+    deadline = time.monotonic() + 5
+    while scheduler.active_chats:
+        assert time.monotonic() < deadline, "generation went on after the client left"
+        time.sleep(0.05)

@@ -1,6 +1,8 @@
 """The three protocols over real HTTP on loopback, with the real `ollama` and `openai` clients."""
 from __future__ import annotations
 
+import time
+
 import ollama
 import openai
 import pytest
@@ -158,3 +160,14 @@ def test_health_and_metrics(http):
         assert name in text, name
     generated = [line for line in text.splitlines() if line.startswith("qwen_edge_generated_tokens_total")]
     assert float(generated[0].split()[-1]) > 0  # the chats above were counted
+
+
+def test_memory_guard_soft_limit_drops_idle_sessions_on_the_worker(live, http):
+    http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "remember me"}], "max_tokens": 2})
+    engine = live.serving.engine
+    assert any(slot.tokens for slot in engine.chat.slots)
+    live.serving.request_shed()  # what MemoryGuard calls when RSS crosses the soft limit
+    deadline = time.monotonic() + 5
+    while any(slot.tokens for slot in engine.chat.slots):
+        assert time.monotonic() < deadline, "idle sessions were not dropped"
+        time.sleep(0.05)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -123,6 +124,17 @@ def _missing_tensor(d: Path) -> None:
     write_safetensors(d / "model.safetensors", {n: ("F32", s, b) for n, (_, s, b) in kept.items()})
 
 
+def _wrong_shape(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] *= 2
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _int8_tensor(d: Path) -> None:
+    from tiny_checkpoint import write_safetensors
+    write_safetensors(d / "model.safetensors", {"model.embed_tokens.weight": ("I8", (2, 2), b"\0" * 4)})
+
+
 FAILURES = {
     "unsupported-arch": (_break_arch, ["config.json", "unsupported architecture LlamaForCausalLM"]),
     "no-config": (lambda d: (d / "config.json").unlink(), ["config.json: missing"]),
@@ -133,6 +145,9 @@ FAILURES = {
     "corrupt-header": (_corrupt_header, ["model.safetensors", "corrupt safetensors header"]),
     "huge-header": (_huge_header, ["model.safetensors", "corrupt or truncated safetensors header"]),
     "tokenizer-vs-vocab": (_tokenizer_too_big, ["tokenizer.json", "tokenizer has", "embedding has"]),
+    "wrong-shape": (_wrong_shape, ["model.layers.0.mlp.gate_proj.weight has shape [512, 256]",
+                                   "config.json implies [1024, 256]"]),
+    "unsupported-dtype": (_int8_tensor, ["model.safetensors", "unsupported dtype I8"]),
     "bad-config-json": (lambda d: (d / "config.json").write_text("{nope"), ["config.json", "not valid JSON"]),
 }
 
@@ -186,3 +201,62 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: cannot download Qwen/Qwen1.5-0.5B-Chat@"), res.stderr
+
+
+def test_conversion_streams_tensors_with_bounded_memory(tiny_hf_dir, tmp_path):
+    """A 0.5 GB F32 output converted in a child process whose peak RSS stays far below that size."""
+    from tiny_checkpoint import write_safetensors
+    from edge.convert.safetensors_reader import SafetensorsCheckpoint
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_hf_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["vocab_size"] = rows = 1 << 18  # 262,144 rows: 2 x 256 MiB of F32 (embedding + lm_head)
+    (src / "config.json").write_text(json.dumps(cfg))
+    ck = SafetensorsCheckpoint.open(tiny_hf_dir)
+    tensors = {n: ("F32", e.shape, ck.read_f32(n).tobytes()) for n, e in ck.entries.items()}
+    big = np.full((rows, cfg["hidden_size"]), 0.01, dtype=np.float16).tobytes()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = ("F16", (rows, cfg["hidden_size"]), big)
+    write_safetensors(src / "model.safetensors", tensors)
+    del tensors, big
+    code = ("import sys; from edge.cli import main; sys.argv = ['qwen-edge', 'convert', '--from-dir', "
+            f"'{src}', '--out', '{tmp_path / 'out'}', '--types', 'f32', '--no-progress']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            # VmHWM belongs to this process image (ru_maxrss would carry pytest's peak across exec)
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    peak_mib = int(res.stdout.strip().splitlines()[-1]) / 1024
+    f32_mib = (tmp_path / "out" / "hf-f32.gguf").stat().st_size / 2**20
+    assert f32_mib > 500
+    assert peak_mib < 250, f"peak RSS {peak_mib:.0f} MiB for a {f32_mib:.0f} MiB output"
+
+
+def test_hub_source_is_pinned_and_recorded(tiny_hf_dir, tmp_path, monkeypatch):
+    """The download path (no network here): the pinned revision and only the needed files are asked for."""
+    import huggingface_hub
+
+    from edge.convert.hf_source import ALLOW_PATTERNS
+    from edge.settings import DEFAULT_REPO, DEFAULT_REVISION
+    calls = []
+
+    def fake_snapshot_download(**kwargs):
+        calls.append(kwargs)
+        return str(tiny_hf_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    res = convert("--out", str(tmp_path / "out"), "--types", "f32")
+    assert res.exit_code == 0, res.output
+    assert calls == [{"repo_id": DEFAULT_REPO, "revision": DEFAULT_REVISION, "allow_patterns": ALLOW_PATTERNS,
+                      "cache_dir": None}]
+    assert len(DEFAULT_REVISION) == 40 and all(c in "0123456789abcdef" for c in DEFAULT_REVISION)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["source"] == {"repo": DEFAULT_REPO, "revision": DEFAULT_REVISION, "name": "qwen1.5-0.5b-chat"}
+    assert gguf_like(tmp_path / "out") == ["qwen1.5-0.5b-chat-f32.gguf"]
+
+
+def test_out_defaults_to_configured_model_dir(tiny_hf_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_EDGE_MODEL__DIR", str(tmp_path / "models"))
+    res = convert("--from-dir", str(tiny_hf_dir), "--types", "f32", "--name", "tiny")
+    assert res.exit_code == 0, res.output
+    assert gguf_like(tmp_path / "models") == ["tiny-f32.gguf"]

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from edge.cli.doctor_cmd import doctor
 from edge.model import cpu as cpu_mod
-from edge.settings import load_settings
 
 from tests.gguf_fixtures import write_tiny_gguf
 
@@ -117,3 +116,17 @@ def test_doctor_real_probe_with_standin():
     result = cpu_mod.run_probe(cpu_mod.probe_command(Path(path)), timeout_s=120)
     assert result.safe is True and result.decoded, result.message
     assert result.system_info.get("AVX") in ("0", "1") or result.system_info.get("NEON") in ("0", "1")
+
+
+def test_doctor_size_mismatch_without_checksums(monkeypatch, model_dir):
+    path = model_dir / "model-q8_0.gguf"
+    with open(path, "ab") as fh:
+        fh.write(b"\0" * 64)                           # still a valid GGUF, but not the file the manifest lists
+    result = invoke(monkeypatch, model_dir, OK_PROBE, "--no-checksum")
+    assert result.exit_code == 1 and "MISMATCH with manifest" in result.output
+
+
+def test_doctor_model_listed_but_missing(monkeypatch, model_dir):
+    (model_dir / "model-q8_0.gguf").unlink()
+    result = invoke(monkeypatch, model_dir, OK_PROBE)
+    assert result.exit_code == 1 and "listed in manifest.json but missing" in result.output

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge.model.gguf_check import ModelFileError, check_gguf
@@ -168,3 +169,63 @@ def test_corrupt_files_never_reach_llama_cpp(tiny, tmp_path):
     result = json.loads(proc.stdout)
     assert result["llama_cpp_loaded"] is False
     assert all(m != "accepted" for m in result["messages"]) and len(result["messages"]) == 4
+
+
+def test_token_list_must_be_strings(tmp_path):
+    from gguf import GGUFWriter
+    path = tmp_path / "numeric_tokens.gguf"
+    w = GGUFWriter(str(path), "qwen2")
+    w.add_context_length(512)
+    w.add_embedding_length(N_EMBD)
+    w.add_block_count(1)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    w.add_array("tokenizer.ggml.tokens", [1, 2, 3])
+    w.add_tensor("token_embd.weight", np.zeros((3, N_EMBD), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelFileError, match="not a non-empty array of strings"):
+        check_gguf(path)
+
+
+def test_random_header_damage_only_ever_gives_model_file_error(tiny, tmp_path):
+    """600 seeded random corruptions of the header: a clean refusal or a valid parse, nothing else."""
+    import random
+    data = tiny.read_bytes()
+    header_end = check_gguf(tiny).data_offset
+    rng = random.Random(1234)
+    bad = tmp_path / "fuzz.gguf"
+    outcomes = {"refused": 0, "accepted": 0}
+    for _ in range(600):
+        buf = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(header_end)
+            buf[at] = rng.choice((0x00, 0xFF, 0x7F, 0x80, rng.randrange(256)))
+        bad.write_bytes(bytes(buf))
+        try:
+            check_gguf(bad)
+            outcomes["accepted"] += 1
+        except ModelFileError as exc:
+            assert str(exc).startswith(str(bad)) and "\n" not in str(exc)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 300, outcomes
+
+
+def test_optional_dimension_of_wrong_type(tmp_path):
+    from gguf import GGUFWriter
+    path = tmp_path / "ff_string.gguf"
+    w = GGUFWriter(str(path), "qwen2")
+    for add, value in ((w.add_context_length, 512), (w.add_embedding_length, N_EMBD), (w.add_block_count, 1),
+                       (w.add_head_count, 4), (w.add_head_count_kv, 4)):
+        add(value)
+    w.add_string("qwen2.feed_forward_length", "lots")
+    w.add_token_list(["a", "b"])
+    w.add_tensor("token_embd.weight", np.zeros((2, N_EMBD), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelFileError, match="feed_forward_length = 'lots'"):
+        check_gguf(path)

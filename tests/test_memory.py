@@ -70,7 +70,7 @@ def test_repack_counts_only_repackable_matrices(f32):
 def test_f32_refused_under_1gib_with_a_plan(f32):
     plan = plan_fit(f32, GIB, n_ctx=2048, kv_cache_type="f16", n_seq_max=8, repack_rows=X86_AVX2)
     assert not plan.fits and plan.estimate.total_bytes > 2 * GIB
-    assert plan.suggestion is not None and plan.suggestion.total_bytes <= 0.9 * GIB
+    assert plan.suggestion is not None and plan.suggestion.total_bytes <= plan.limit_bytes <= 0.97 * GIB
     msg = plan.message
     assert msg.startswith("F32 with n_ctx 2048") and "budget 1.0 GiB" in msg
     assert f"use {plan.suggestion.file_type} with n_ctx {plan.suggestion.n_ctx} and kv_cache_type " \
@@ -89,8 +89,8 @@ def test_quantized_files_fit_1gib_with_q8_kv(f32, quant):
 def test_q8_0_with_f16_kv_is_steered_to_q8_kv(f32):
     info = retype_info(f32, "q8_0")
     plan = plan_fit(info, GIB, n_ctx=2048, kv_cache_type="f16", n_seq_max=8, repack_rows=X86_AVX2)
-    if not plan.fits:
-        assert plan.suggestion.kv_cache_type == "q8_0" and plan.suggestion.n_ctx == 2048
+    assert not plan.fits and plan.message.startswith("Q8_0 with n_ctx 2048 and kv_cache_type f16 needs 10")
+    assert (plan.suggestion.file_type, plan.suggestion.n_ctx, plan.suggestion.kv_cache_type) == ("q8_0", 2048, "q8_0")
 
 
 def test_tiny_budget_shrinks_context_then_gives_up(f32):
@@ -156,3 +156,26 @@ def test_estimate_within_10pct_of_measured_standin():
     assert got.n_tokens == 512
     assert abs(est.total_bytes - got.rss_bytes) / got.rss_bytes <= 0.10, (est.to_dict(), got)
     assert got.buffers_mib["kv_cache"] * MIB == pytest.approx(est.kv_cache_bytes, rel=0.02)
+
+
+def test_cgroup_chain_takes_the_lowest_ancestor_limit(tmp_path):
+    from edge.model.memory import cgroup_chain_limit
+    root = tmp_path / "cgroup"
+    service = root / "system.slice" / "qwen-edge.service"
+    service.mkdir(parents=True)
+    (root / "system.slice" / "memory.max").write_text("805306368\n")       # 768 MiB on the slice
+    (service / "memory.max").write_text("1073741824\n")                    # 1 GiB on the service
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("0::/system.slice/qwen-edge.service\n")
+    roots = {"v2": (root, "memory.max"), "v1": (tmp_path / "v1", "memory.limit_in_bytes")}
+    assert cgroup_chain_limit(proc, roots) == 768 * MIB
+    (root / "system.slice" / "memory.max").write_text("max\n")
+    assert cgroup_chain_limit(proc, roots) == GIB
+    # hybrid host: a v1 memory controller line with a lower limit wins
+    v1 = tmp_path / "v1" / "box"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(str(512 * MIB))
+    proc.write_text("4:memory:/box\n0::/system.slice/qwen-edge.service\n")
+    assert cgroup_chain_limit(proc, roots) == 512 * MIB
+    proc.write_text("0::/\n")
+    assert cgroup_chain_limit(proc, roots) is None

@@ -179,20 +179,28 @@ class ChatStream:
         self.request = request
         self.on_end = on_end
         self._first: list[object] = []
+        self._checked = time.monotonic()
 
     @property
     def stats(self) -> ChatStats:
         return self.handle.stats
 
+    async def _check_client(self) -> None:
+        self._checked = time.monotonic()
+        if self.request is not None and await self.request.is_disconnected():
+            self.handle.cancel()
+            raise ClientGone()
+
     async def _next(self) -> object:
         while True:
             try:
-                return await anyio.to_thread.run_sync(self.handle.get, POLL_S)
+                item = await anyio.to_thread.run_sync(self.handle.get, POLL_S)
             except queue.Empty:  # nothing yet
-                pass
-            if self.request is not None and await self.request.is_disconnected():
-                self.handle.cancel()
-                raise ClientGone()
+                await self._check_client()
+                continue
+            if time.monotonic() - self._checked > POLL_S:  # pieces flowing: still look now and then
+                await self._check_client()
+            return item
 
     async def prime(self) -> None:
         """Wait for the first piece, so errors found before generation (context overflow) can

@@ -23,18 +23,25 @@ def _types(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str,
 @click.option("--revision", default=DEFAULT_REVISION, show_default=True, help="Pinned commit of --repo.")
 @click.option("--from-dir", type=click.Path(path_type=Path), default=None,
               help="Convert this local HF folder instead of downloading.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output folder (GGUF files + manifest.json).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (GGUF files + manifest.json); default: the configured model.dir.")
 @click.option("--types", default="f32,q8_0,q4_k_m", show_default=True, callback=_types,
               help="Comma-separated outputs: f32, q8_0, q4_k_m.")
 @click.option("--name", default=None, help="File name stem (default: repo or folder name, lower case).")
 @click.option("--threads", default=0, show_default=True, help="Quantizer threads; 0 = all cores.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def convert(repo: str, revision: str, from_dir: Path | None, out_dir: Path, types: tuple[str, ...],
+def convert(repo: str, revision: str, from_dir: Path | None, out_dir: Path | None, types: tuple[str, ...],
             name: str | None, threads: int, no_progress: bool) -> None:
     """Convert Qwen2-family safetensors to GGUF (F32, then Q8_0 / Q4_K_M with llama.cpp)."""
     from edge.convert.errors import ConversionError
     from edge.convert.pipeline import ConvertRequest, run_conversion
+    from edge.settings import SettingsError, load_settings
+
+    if out_dir is None:
+        try:
+            out_dir = load_settings().model.dir
+        except SettingsError as exc:
+            raise click.ClickException(str(exc)) from None
 
     request = ConvertRequest(out_dir=out_dir, types=types, name=name, from_dir=from_dir, repo=repo,
                              revision=revision, n_threads=threads, progress=not no_progress)

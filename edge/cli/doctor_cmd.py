@@ -17,7 +17,7 @@ import psutil
 from edge.model import cpu as cpu_mod
 from edge.model.gguf_check import ModelFileError, check_gguf
 from edge.model.inventory import ModelFileReport, inspect_model_dir
-from edge.model.memory import cgroup_limit_bytes, effective_budget_bytes, plan_fit
+from edge.model.memory import cgroup_chain_limit, effective_budget_bytes, plan_fit
 from edge.settings import Settings, SettingsError, load_settings
 
 MIB = 1 << 20
@@ -56,7 +56,7 @@ def _cpu_section(settings: Settings, reports: list[ModelFileReport], model: Path
 
 def _memory_section(settings: Settings) -> dict:
     vm = psutil.virtual_memory()
-    limit = cgroup_limit_bytes()
+    limit = cgroup_chain_limit()
     return {"total_bytes": vm.total, "available_bytes": vm.available, "cgroup_limit_bytes": limit,
             "budget_setting_mb": settings.memory.budget_mb,
             "effective_budget_bytes": effective_budget_bytes(settings.memory.budget_mb), "ok": True}
@@ -68,7 +68,7 @@ def _model_entry(report: ModelFileReport, settings: Settings, budget: int, measu
         return entry
     m = settings.model
     plan = plan_fit(report.info, budget, m.n_ctx, m.kv_cache_type, m.n_batch, m.n_seq_max, m.flash_attn,
-                    headroom=settings.memory.soft_fraction)
+                    headroom=settings.memory.hard_fraction)
     entry.update(estimate=plan.estimate.to_dict(), fits=plan.fits, fit_message=plan.message)
     if measure:
         from edge.model.measure import MeasureError, measure_memory
@@ -113,8 +113,10 @@ def _format_model(m: dict) -> list[str]:
     lines = [f"  [{MARK[m['ok']]}] {m['path']}"]
     if m["error"]:
         return lines + [f"        {m['error']}"]
-    lines.append(f"        {m['file_type']}, {_mb(m['size_bytes'])}, "
-                 f"sha256 {(m['sha256'] or '-')[:16]}… {CHECKSUM_TEXT[m['checksum_ok']]}")
+    check = CHECKSUM_TEXT[m["checksum_ok"]]
+    if m["sha256"] is None and m["expected_sha256"] and m["checksum_ok"] is None:
+        check = "size matches manifest (sha256 skipped)"
+    lines.append(f"        {m['file_type']}, {_mb(m['size_bytes'])}, sha256 {(m['sha256'] or '-')[:16]}… {check}")
     if "estimate" in m:
         lines.append(f"        memory: {m['fit_message']}")
     measured = m.get("measured")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -57,7 +57,7 @@ def write_f32_gguf(path: Path, checkpoint: SafetensorsCheckpoint, plan: list[tup
     try:
         for _gguf_name, hf_name in plan:
             _pad(fout, writer.data_alignment)
-            for chunk in _chunks(checkpoint, hf_name):
+            for chunk in checkpoint.iter_f32_chunks(hf_name):
                 chunk.tofile(fout)
                 if progress:
                     progress(chunk.nbytes)
@@ -69,6 +69,3 @@ def write_f32_gguf(path: Path, checkpoint: SafetensorsCheckpoint, plan: list[tup
     logger.info("wrote %s: %d tensors", path, len(plan))
     return len(plan)
 
-
-def _chunks(checkpoint: SafetensorsCheckpoint, hf_name: str) -> Iterator[np.ndarray]:
-    yield from checkpoint.iter_f32_chunks(hf_name)

@@ -90,6 +90,9 @@ def _temporary(out_dir: Path, final_name: str) -> Iterator[Path]:
     tmp = out_dir / f".{final_name}.tmp-{os.getpid()}"
     try:
         yield tmp
+    except OSError as exc:  # disk full, file too large, I/O error: one line naming the output
+        raise ConversionError(f"cannot write {out_dir / final_name}: {exc.strerror or exc} (disk full or "
+                              "write error); nothing was kept under that name") from None
     finally:
         tmp.unlink(missing_ok=True)
 

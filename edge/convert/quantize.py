@@ -10,6 +10,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import llama_cpp
@@ -26,6 +30,28 @@ QUANT_FTYPES: dict[str, int] = {
 LLAMA_LOGGER = logging.getLogger("llama-cpp-python")  # where llama.cpp's own log lines go
 
 
+@contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """Some llama.cpp quantizer lines (e.g. the per-tensor k-quant fallback warnings) bypass the log
+    callback and go straight to file descriptor 2: send them to our log instead of the terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode("utf-8", errors="replace").splitlines()
+    fallbacks = [line for line in lines if "falling back" in line]
+    for line in lines:
+        logger.debug("llama.cpp: %s", line)
+    if fallbacks:
+        logger.info("llama.cpp used a fallback type for %d tensor(s) (rows not a multiple of 256)", len(fallbacks))
+
+
 def quantize_gguf(src: Path, dst: Path, quant_type: str, n_threads: int = 0) -> None:
     """Quantize `src` (F32 GGUF) into `dst` (the caller's temporary name)."""
     if quant_type not in QUANT_FTYPES:
@@ -37,9 +63,11 @@ def quantize_gguf(src: Path, dst: Path, quant_type: str, n_threads: int = 0) -> 
     if not logger.isEnabledFor(logging.DEBUG):
         LLAMA_LOGGER.setLevel(logging.ERROR)  # llama.cpp prints one line per tensor otherwise
     try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        with _native_stderr_to_log():
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     finally:
         LLAMA_LOGGER.setLevel(saved_level)
     if rc != 0:
-        raise ConversionError(f"{src}: llama.cpp could not quantize to {quant_type} (code {rc})")
+        raise ConversionError(f"{src}: llama.cpp could not quantize to {quant_type} (code {rc}; "
+                              f"disk full or {dst.parent} not writable?)")
     logger.info("quantized %s -> %s (%s)", src, dst, quant_type)

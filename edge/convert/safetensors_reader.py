@@ -85,7 +85,8 @@ def _entry(path: Path, name: str, info: dict, data_start: int) -> TensorEntry:
         raise ConversionError(f"{path}: tensor {name} has unsupported dtype {dtype} (supported: {', '.join(SOURCE_DTYPES)})")
     nbytes = math.prod(shape) * SOURCE_DTYPES[dtype][0].itemsize
     if stop - begin != nbytes or begin < 0:
-        raise ConversionError(f"{path}: corrupt safetensors header: tensor {name} spans {stop - begin} bytes, shape needs {nbytes}")
+        raise ConversionError(f"{path}: corrupt safetensors header: tensor {name} spans {stop - begin} bytes, "
+                              f"its shape needs {nbytes}")
     return TensorEntry(name, path, dtype, shape, data_start + begin, nbytes)
 
 

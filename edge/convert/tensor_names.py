@@ -18,13 +18,6 @@ ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 # HF tensors that carry no weights llama.cpp needs.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-# Per-block HF tensors every Qwen2 layer must have (q/k/v biases are part of the architecture).
-BLOCK_TENSORS = (
-    "input_layernorm.weight", "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-)
 # config.json key -> (Hyperparams field, required)
 CONFIG_FIELDS = {
     "hidden_size": ("hidden", True), "intermediate_size": ("intermediate", True),
@@ -106,12 +99,14 @@ def tensor_plan(hp: Hyperparams, available: dict[str, tuple[int, ...]], where: P
         if hf_name not in available:
             raise ConversionError(f"{where}: missing tensor {hf_name}")
         if tuple(available[hf_name]) != shape:
-            raise ConversionError(f"{where}: tensor {hf_name} has shape {list(available[hf_name])}, config.json implies {list(shape)}")
+            raise ConversionError(f"{where}: tensor {hf_name} has shape {list(available[hf_name])}, "
+                                  f"config.json implies {list(shape)}")
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ConversionError(f"{where}: no GGUF name for tensor {hf_name}")
         plan.append((gguf_name, hf_name))
-    extra = [n for n in available if n not in dict((h, g) for g, h in plan) and not n.endswith(IGNORED_SUFFIXES)]
+    used = {hf_name for _, hf_name in plan}
+    extra = [n for n in available if n not in used and not n.endswith(IGNORED_SUFFIXES)]
     if extra and not (hp.tied and extra == ["lm_head.weight"]):
         raise ConversionError(f"{where}: unexpected tensor {extra[0]} for {SUPPORTED_ARCHITECTURES[0]} ({len(extra)} in all)")
     return plan

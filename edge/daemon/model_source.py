@@ -27,7 +27,7 @@ def _convert(settings: Settings, from_dir: Path | None, progress: bool) -> Path:
     except ConversionError as exc:
         hint = ("" if from_dir else " Offline? Point qwen-edge at a local model: "
                 "`qwen-edge serve --model FILE.gguf` or `--model HF_FOLDER`.")
-        raise ModelUnavailable(f"{exc}.{hint}") from None
+        raise ModelUnavailable(f"{str(exc).rstrip('.')}.{hint}") from None
     for entry in result.written + result.skipped:
         if entry.type == m.quant:
             return m.dir / entry.file

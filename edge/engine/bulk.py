@@ -24,7 +24,11 @@ def read_texts(path: Path) -> list[str]:
     """Texts of a TSV with a `text` column (header row), or of a plain file, one text a line."""
     try:
         with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            try:
+                rows = list(reader)
+            except csv.Error as exc:  # e.g. a line over csv's field size limit (128 KiB)
+                raise BulkInputError(f"{path}: line {reader.line_num}: {exc}") from None
     except FileNotFoundError:
         raise BulkInputError(f"input file not found: {path}") from None
     except IsADirectoryError:
@@ -41,21 +45,44 @@ def completed_rows(out: Path) -> int:
     """How many input rows `out` already holds; repairs a torn last line first."""
     if not out.exists() or out.stat().st_size == 0:
         return 0
+    header = ("\t".join(OUT_HEADER) + "\n").encode()
     with open(out, "rb+") as f:
         data = f.read()
+        # check before cutting anything: a file that is not ours is never modified
+        if not (data.startswith(header) or header.startswith(data)):
+            raise BulkInputError(f"{out} exists and is not a qwen-edge results file; choose another --out")
         if not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
             f.truncate(cut)
             data = data[:cut]
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    if not lines or lines[0].split("\t")[0] != OUT_HEADER[0]:
-        raise BulkInputError(f"{out} exists and is not a qwen-edge results file; choose another --out")
+    # split on "\n" only: str.splitlines() also breaks at U+2028, \x85, ... which texts may hold
+    lines = data.decode("utf-8", errors="replace").split("\n")[:-1]
     last = lines[-1].split("\t")[0] if len(lines) > 1 else None
     return int(last) + 1 if last is not None and last.isdigit() else 0
 
 
 def _clean(text: str) -> str:
+    text = text.encode("utf-8", errors="replace").decode("utf-8")  # lone surrogates cannot be written
     return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+
+class BulkWriteError(OSError):
+    """The results file could not be written (disk full, file too large); whole rows are kept."""
+
+
+def _append(f, out: Path, text: str, rows_done: int) -> None:
+    """Append whole rows and fsync; on a write error cut the partial rows off again, so the file
+    only ever holds complete rows (and a re-run resumes after them)."""
+    data = memoryview(text.encode("utf-8"))
+    size = os.fstat(f.fileno()).st_size
+    try:
+        while data:
+            data = data[f.write(data):]  # unbuffered: a short write returns its count
+        os.fsync(f.fileno())
+    except OSError as exc:
+        f.truncate(size)
+        raise BulkWriteError(f"cannot write {out}: {exc.strerror or exc}; its {rows_done} complete rows "
+                             "are kept and a re-run resumes after them") from None
 
 
 def classify_file(texts: list[str], out: Path, classify: Callable[[list[str]], list[SentimentResult]],
@@ -63,18 +90,16 @@ def classify_file(texts: list[str], out: Path, classify: Callable[[list[str]], l
     """Classify `texts` into `out`, resuming; yields the number of rows written so far."""
     start = completed_rows(out)
     new_file = start == 0
-    with open(out, "a" if not new_file else "w", encoding="utf-8", newline="") as f:
+    with open(out, "ab" if not new_file else "wb", buffering=0) as f:
         if new_file:
-            f.write("\t".join(OUT_HEADER) + "\n")
+            _append(f, out, "\t".join(OUT_HEADER) + "\n", 0)
         if progress and start:
             progress(start)
         for i in range(start, len(texts), batch):
             chunk = texts[i:i + batch]
             results = _classify_chunk(classify, chunk)
             lines = [f"{i + k}\t{r}\t{_clean(t)}\n" for k, (t, r) in enumerate(zip(chunk, results))]
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+            _append(f, out, "".join(lines), i)
             if progress:
                 progress(len(chunk))
             yield i + len(chunk)

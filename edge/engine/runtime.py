@@ -136,7 +136,10 @@ class LlamaRuntime:
         return token in self.end_tokens
 
     def _find_end_tokens(self) -> frozenset[int]:
-        ends = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)}
+        # A control token (e.g. <|im_start|>) never belongs in a reply: it ends it, so a model coaxed
+        # into opening a turn cannot put a marker into text that clients send back as history.
+        ends = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)
+                or llama_cpp.llama_vocab_is_control(self.vocab, t)}
         # Qwen1.5 revisions disagree on EOS; whatever the file says, both end a reply.
         for marker in ("<|im_end|>", "<|endoftext|>"):
             ids = self.tokenize(marker, special=True)

@@ -163,7 +163,7 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
         if count > (cur.size - cur.pos) // 8:        # each string needs at least its 8-byte length
             raise cur.fail(f"corrupt: array {key} claims {count} strings, more than the file can hold")
         cur.skip_strings(count, key)
-        return _ArrayCount(count)
+        return _ArrayCount(count, STRING_TYPE)
     if item_type not in SCALAR_FORMATS:
         raise cur.fail(f"corrupt: array {key} has unsupported item type {item_type}")
     width = struct.calcsize(SCALAR_FORMATS[item_type])
@@ -171,7 +171,7 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
         raise cur.fail(f"corrupt: array {key} claims {count} items, more than the file can hold")
     if count > MAX_SMALL_ARRAY:
         cur.pos += count * width
-        return _ArrayCount(count)
+        return _ArrayCount(count, item_type)
     fmt = "<" + SCALAR_FORMATS[item_type][1] * count
     values = struct.unpack_from(fmt, cur.buf, cur.pos)
     cur.pos += count * width
@@ -180,8 +180,9 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
 
 @dataclass(frozen=True)
 class _ArrayCount:
-    """A long array we walked over but did not keep."""
+    """A long array (or any string array) we walked over but did not keep."""
     count: int
+    item_type: int
 
 
 def _read_header(cur: _Cursor) -> tuple[int, int, int]:
@@ -294,6 +295,10 @@ def _positive_int(cur: _Cursor, meta: dict[str, Any], key: str, limit: int) -> i
     return value
 
 
+def _optional_int(cur: _Cursor, meta: dict[str, Any], key: str, default: int) -> int:
+    return _positive_int(cur, meta, key, 1 << 24) if key in meta else default
+
+
 def _build_info(cur: _Cursor, version: int, meta: dict[str, Any], tensors: list[TensorEntry],
                 data_offset: int, alignment: int) -> GGUFInfo:
     arch = meta.get("general.architecture")
@@ -305,9 +310,9 @@ def _build_info(cur: _Cursor, version: int, meta: dict[str, Any], tensors: list[
     tokens = meta.get(TOKENS_KEY)
     if tokens is None:
         raise cur.fail(f"missing required metadata key {TOKENS_KEY}")
-    n_vocab = tokens.count if isinstance(tokens, _ArrayCount) else len(tokens) if isinstance(tokens, list) else 0
-    if n_vocab == 0:
-        raise cur.fail(f"corrupt: {TOKENS_KEY} is empty or not an array")
+    if not isinstance(tokens, _ArrayCount) or tokens.item_type != STRING_TYPE or tokens.count == 0:
+        raise cur.fail(f"corrupt: {TOKENS_KEY} is not a non-empty array of strings")
+    n_vocab = tokens.count
     if dims["n_embd"] % dims["n_head"] or dims["n_head"] % dims["n_head_kv"]:
         raise cur.fail(f"corrupt: embedding_length {dims['n_embd']} / head_count {dims['n_head']} / "
                        f"head_count_kv {dims['n_head_kv']} do not divide evenly")
@@ -325,9 +330,9 @@ def _build_info(cur: _Cursor, version: int, meta: dict[str, Any], tensors: list[
     return GGUFInfo(
         path=cur.path, size_bytes=cur.size, version=version, arch=arch, file_type=_file_type_name(meta),
         n_params=n_params, n_tensors=len(tensors), n_vocab=n_vocab,
-        n_ff=int(meta.get(f"{arch}.feed_forward_length") or 4 * dims["n_embd"]),
-        head_dim_k=int(meta.get(f"{arch}.attention.key_length") or head_dim),
-        head_dim_v=int(meta.get(f"{arch}.attention.value_length") or head_dim),
+        n_ff=_optional_int(cur, meta, f"{arch}.feed_forward_length", 4 * dims["n_embd"]),
+        head_dim_k=_optional_int(cur, meta, f"{arch}.attention.key_length", head_dim),
+        head_dim_v=_optional_int(cur, meta, f"{arch}.attention.value_length", head_dim),
         data_offset=data_offset, alignment=alignment, tensor_bytes_by_type=by_type,
         tensors=tuple(tensors), metadata=kept, **dims,
     )

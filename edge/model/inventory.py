@@ -26,7 +26,16 @@ class ModelFileReport:
 
     @property
     def checksum_ok(self) -> bool | None:
-        return None if self.expected_sha256 is None else self.sha256 == self.expected_sha256
+        """None: not listed in the manifest (or not hashed); then only the size is compared."""
+        if self.expected_sha256 is None or self.sha256 is None:
+            return None if self.size_ok is not False else False
+        return self.sha256 == self.expected_sha256
+
+    @property
+    def size_ok(self) -> bool | None:
+        if self.expected_size is None or not self.path.is_file():
+            return None
+        return self.path.stat().st_size == self.expected_size
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "ok": self.error is None and self.checksum_ok is not False,

@@ -35,8 +35,10 @@ COMPUTE_FIXED_BYTES = 48 * MIB
 COMPUTE_FLOATS_PER_TOKEN = {"n_ff": 3, "n_embd": 6}
 # RSS of python with numpy, llama_cpp, gguf and the settings (pydantic) imported, before loading:
 PYTHON_RUNTIME_BYTES = 59 * MIB
-# on top, in the daemon: fastapi, uvicorn, prometheus-client (11 MiB measured) + engine state, threads
-DAEMON_EXTRA_BYTES = 24 * MIB
+# On top, in the daemon: fastapi, uvicorn, prometheus-client (11 MiB), engine state, threads. Measured:
+# `qwen-edge serve` with Qwen1.5-shaped Q4_K_M after three ~900-token chats, 858 MB vs 804 MB for
+# `python -m edge.model.measure` with the same settings.
+DAEMON_EXTRA_BYTES = 50 * MIB
 CGROUP_V2_MAX = Path("/sys/fs/cgroup/memory.max")
 CGROUP_V1_LIMIT = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
 CGROUP_UNLIMITED = 1 << 60             # v1 reports "no limit" as a huge page-aligned number
@@ -129,23 +131,51 @@ def cgroup_limit_bytes(v2_path: Path = CGROUP_V2_MAX, v1_path: Path = CGROUP_V1_
     return None
 
 
-def _own_cgroup_v2_max() -> Path:
-    # The root's memory.max does not exist; a systemd service's limit sits in its own cgroup.
+# cgroup version -> (hierarchy root, limit file); a process can sit in both (hybrid hosts).
+CGROUP_HIERARCHIES: dict[str, tuple[Path, str]] = {
+    "v2": (Path("/sys/fs/cgroup"), "memory.max"),
+    "v1": (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"),
+}
+
+
+def _own_cgroups(proc_cgroup: Path) -> dict[str, str]:
+    """{"v2": "/path", "v1": "/path"} from /proc/self/cgroup ("0::/path" and "N:memory:/path" lines)."""
+    found: dict[str, str] = {}
     try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                candidate = Path("/sys/fs/cgroup") / line[3:].lstrip("/") / "memory.max"
-                if candidate.exists():
-                    return candidate
+        lines = proc_cgroup.read_text().splitlines()
     except OSError:
-        pass
-    return CGROUP_V2_MAX
+        return found
+    for line in lines:
+        _, controllers, rel = (line.split(":", 2) + ["", ""])[:3]
+        if line.startswith("0::"):
+            found["v2"] = rel
+        elif "memory" in controllers.split(","):
+            found["v1"] = rel
+    return found
+
+
+def cgroup_chain_limit(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                       roots: dict[str, tuple[Path, str]] | None = None) -> int | None:
+    """Lowest memory limit from this process's cgroup up to the root, v2 and v1; None when unlimited."""
+    roots = roots or CGROUP_HIERARCHIES
+    limits = []
+    for version, rel in _own_cgroups(proc_cgroup).items():
+        root, name = roots[version]
+        folder = root / rel.strip().lstrip("/")
+        while True:
+            limit = cgroup_limit_bytes(folder / name, Path("/nonexistent"))
+            if limit:
+                limits.append(limit)
+            if folder == root or root not in folder.parents:
+                break
+            folder = folder.parent
+    return min(limits) if limits else None
 
 
 def effective_budget_bytes(setting_mb: int, cgroup_limit: int | None | str = "auto") -> int:
     """The configured budget, or the cgroup's limit when that is lower."""
     budget = setting_mb * MIB
-    limit = cgroup_limit_bytes(_own_cgroup_v2_max()) if cgroup_limit == "auto" else cgroup_limit
+    limit = cgroup_chain_limit() if cgroup_limit == "auto" else cgroup_limit
     return min(budget, limit) if limit else budget
 
 
@@ -210,7 +240,7 @@ class FitPlan:
 
 
 def _fmt(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+    return f"{n / 1e9:.1f} GB" if n >= 2e9 else f"{n / 1e6:.0f} MB"
 
 
 def _fmt_budget(n: int) -> str:
@@ -218,10 +248,13 @@ def _fmt_budget(n: int) -> str:
 
 
 def plan_fit(info: GGUFInfo, budget_bytes: int, n_ctx: int, kv_cache_type: str = "q8_0", n_batch: int = 512,
-             n_seq_max: int = 1, flash_attn: bool = True, headroom: float = 0.9,
+             n_seq_max: int = 1, flash_attn: bool = True, headroom: float = 0.97,
              quants: tuple[str, ...] = ("q8_0", "q4_k_m"), repack_rows: dict[str, int] | None = None,
              runtime_bytes: int = PYTHON_RUNTIME_BYTES + DAEMON_EXTRA_BYTES) -> FitPlan:
     """Does ``info`` fit ``budget_bytes × headroom``? If not, name the largest configuration that does.
+
+    ``headroom`` is the memory guard's hard fraction: a model that fits stays below the point where
+    the daemon refuses work (it may sit above the soft limit, where only idle sessions are dropped).
 
     Candidates keep the context as long as possible, then prefer the better quantization, then the
     larger KV cache type: n_ctx halves down to 512 only when no quant/cache type fits.

@@ -28,7 +28,7 @@ def preflight(path: Path | str, settings: Settings, budget_bytes: int | None = N
     m = settings.model
     budget = budget_bytes if budget_bytes is not None else effective_budget_bytes(settings.memory.budget_mb)
     plan = plan_fit(info, budget, m.n_ctx, m.kv_cache_type, m.n_batch, m.n_seq_max, m.flash_attn,
-                    headroom=settings.memory.soft_fraction)
+                    headroom=settings.memory.hard_fraction)
     if not plan.fits:
         raise ModelDoesNotFit(plan)
     log.info("%s: %s", Path(path).name, plan.message)

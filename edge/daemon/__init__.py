@@ -1,0 +1,1 @@
+"""The long-running service: process lifecycle, systemd, memory guard."""

@@ -1,0 +1,1 @@
+"""One loaded model, two roles: grammar-constrained sentiment and streamed chat."""

@@ -1,0 +1,49 @@
+"""On the real stand-in model (QWEN_EDGE_STANDIN_GGUF): obvious labels, and the bench's JSON keys."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edge.cli import cli
+
+pytestmark = pytest.mark.realmodel
+
+OBVIOUS = [
+    ("This is the best phone I have ever owned, I love it!", "positive"),
+    ("Terrible service, the food was cold and the waiter was rude.", "negative"),
+    ("这家酒店非常干净，服务周到，下次还来！", "positive"),
+    ("质量太差了，用了一天就坏了，非常失望。", "negative"),
+]
+BENCH_KEYS = ("sentiment_p50_ms", "sentiment_p90_ms", "naive_sentiment_p50_ms", "naive_sentiment_p90_ms",
+              "floor_sentiment_p50_ms", "bulk_items_per_s", "chat_ttft_ms", "chat_decode_tps", "raw_decode_tps",
+              "peak_rss_mb", "p50_vs_floor", "naive_p90_over_engine_p90", "bulk_vs_prefill_bound",
+              "chat_decode_vs_raw")
+
+
+def test_obvious_sentences_get_obvious_labels(tmp_path, standin_gguf):
+    tsv = tmp_path / "obvious.tsv"
+    tsv.write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in OBVIOUS), encoding="utf-8")
+    res = CliRunner().invoke(cli, ["eval", "sentiment", str(tsv), "--model", str(standin_gguf), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["accuracy"] == 1.0
+
+
+def test_bench_json_has_every_key(tmp_path, standin_gguf):
+    short = tmp_path / "short.tsv"
+    short.write_text("text\tlabel\na lovely little film .\tpositive\nboring .\tnegative\n", encoding="utf-8")
+    long = tmp_path / "long.tsv"
+    review = ("酒店位置不错，离火车站很近，但是房间的隔音非常差，隔壁说话听得清清楚楚，"
+              "空调也有噪音，早餐品种很少而且是凉的，前台服务员态度冷淡，退房时还多收了费用，"
+              "跟他们理论了半天才退回来，整个住宿体验很糟糕，以后出差再也不会选择这家酒店了，也不推荐朋友来住。")
+    long.write_text(f"text\tlabel\n{review}\tnegative\n", encoding="utf-8")
+    res = CliRunner().invoke(cli, ["bench", "--model", str(standin_gguf), "--json", "--short-file", str(short),
+                                   "--long-file", str(long), "--n-short", "2", "--n-long", "1", "--n-bulk", "2",
+                                   "--chat-turns", "1", "--chat-max-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    missing = [k for k in BENCH_KEYS if k not in out]
+    assert not missing
+    assert out["long"]["n"] == 1 and out["short"]["n"] == 2
+    assert out["peak_rss_mb"] > 100 and out["sentiment_p50_ms"] > 0
