@@ -104,7 +104,7 @@ def one_line_error(stderr: str) -> str:
 def write_daemon_config(folder: Path, port: int, **sections: dict) -> Path:
     """A TOML config for a daemon over the tiny model (same engine settings as the API tests)."""
     import json
-    base = {"model": {"n_ctx": 2048, "n_batch": 256, "n_threads": 2},
+    base = {"model": {"n_ctx": 4096, "n_batch": 256, "n_threads": 2},
             "prompts": {"dir": str(ROOT / "prompts"), "max_text_tokens": 96},
             "chat": {"max_tokens": 12, "temperature": 0.0},
             "server": {"host": "127.0.0.1", "port": port}}

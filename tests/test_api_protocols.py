@@ -37,7 +37,7 @@ def test_ollama_client_lists_shows_and_reports_the_model(live):
     shown = client.show("qwen-edge")
     assert "completion" in shown.capabilities and shown.details.quantization_level == "F32"
     running = client.ps().models
-    assert running[0].model == "qwen-edge:latest" and running[0].context_length == 2048
+    assert running[0].model == "qwen-edge:latest" and running[0].context_length == 4096
 
 
 def test_ollama_chat_with_tools_format_num_ctx_and_keep_alive(live):

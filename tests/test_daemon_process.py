@@ -18,7 +18,7 @@ from serving_helpers import PROMPTS, free_port
 
 CONFIG = """\
 [model]
-n_ctx = 2048
+n_ctx = 4096
 n_batch = 256
 n_threads = 2
 

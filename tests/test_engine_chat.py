@@ -45,7 +45,17 @@ def test_greedy_reply_is_deterministic_and_cache_independent(engine):
     assert a == b == c
 
 
-def test_second_turn_reuses_the_first_from_cache(engine):
+@pytest.fixture()
+def fresh_engine(tiny_gguf):
+    from edge.engine.engine import Engine
+    from tests.engine_fixtures import tiny_settings
+    eng = Engine.load(tiny_gguf, tiny_settings())
+    yield eng
+    eng.close()
+
+
+def test_second_turn_reuses_the_first_from_cache(fresh_engine):
+    engine = fresh_engine
     s1, s2 = ChatStats(), ChatStats()
     history = [ChatMessage("user", "first turn")]
     reply = "".join(engine.chat_stream(history, GREEDY, s1))

@@ -314,7 +314,7 @@ def _bulk_rows(path: Path) -> list[int]:
 
 
 def test_bulk_classification_write_error_keeps_whole_rows_and_resumes(tiny_gguf, tmp_path):
-    texts = [f"review {i}: {'lovely, great' if i % 2 else 'terrible, awful'} stuff" for i in range(120)]
+    texts = [f"review {i}: {'lovely, great' if i % 2 else 'terrible, awful'} stuff" for i in range(60)]
     src = tmp_path / "in.txt"
     src.write_text("\n".join(texts) + "\n", encoding="utf-8")
     out = tmp_path / "out.tsv"
@@ -323,7 +323,7 @@ def test_bulk_classification_write_error_keeps_whole_rows_and_resumes(tiny_gguf,
                       f"dir = {json.dumps(str(ROOT / 'prompts'))}\n")
     args = ("classify", "--file", str(src), "--out", str(out), "--model", str(tiny_gguf), "--config", str(config))
     proc = subprocess.run(cli_cmd(*args), capture_output=True, text=True, timeout=180, env=child_env(), cwd=ROOT,
-                          preexec_fn=limit_file_size(3000))
+                          preexec_fn=limit_file_size(1600))
     assert proc.returncode == 1, proc.stderr
     line = one_line_error(proc.stderr)
     assert f"cannot write {out}" in line and "re-run resumes" in line
@@ -431,8 +431,7 @@ def test_cli_refuses_corrupt_model_files(corrupt_models, cases):
     _check_refusals(results, chosen)
 
 
-SERVE_CASES = ("truncated in the tensor data", "wrong magic", "wrong architecture", "tensor past the end of the file",
-               "header lies about the layer count")
+SERVE_CASES = ("truncated in the tensor data", "wrong architecture", "header lies about the layer count")
 
 
 @pytest.mark.parametrize("cases", [SERVE_CASES, pytest.param(None, marks=pytest.mark.slow)], ids=["some", "all"])

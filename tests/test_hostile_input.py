@@ -26,7 +26,7 @@ from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from robust_helpers import CHATML_MARKERS, INJECTIONS, LINE_BREAKS, MEGABYTE_TEXTS, control_ids, count_in, hostile_text
 
 LABELS = {"positive", "negative"}  # prompts.neutral is off in the tiny settings
-FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FEW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                       HealthCheck.too_slow])
 MANY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

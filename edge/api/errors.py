@@ -54,6 +54,9 @@ def error_body(path: str, status: int, message: str, kind: str) -> dict:
 
 def error_response(path: str, status: int, message: str, kind: str, retry_after: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after else None
+    # Messages quote request values: keep them one line, and encodable (a JSON "\ud800" escape
+    # gives a lone surrogate that UTF-8 cannot encode).
+    message = " ".join(message.encode("utf-8", errors="replace").decode("utf-8").split())
     return JSONResponse(error_body(path, status, message, kind), status_code=status, headers=headers)
 
 

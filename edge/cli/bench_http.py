@@ -1,11 +1,12 @@
 """`qwen-edge bench http`: the daemon measured over loopback, and the same work on llama.cpp's
 `llama-server` in the same run (``--peer-server PATH``).
 
-Work, identical on both servers, one server at a time (they would share the CPU otherwise):
+Work, identical on both servers; both are started, then rounds alternate between them (one server
+busy at a time, so they never share the CPU, and background load on the machine hits both alike):
 1. sentiment latency: SST-2 texts sent one by one while ``--chat-streams`` chat replies stream
    continuously in the background; on llama-server the sentiment runs with the same GBNF grammar
    and the same few-shot prompt on a dedicated, prompt-cached slot, chat on the other slot(s);
-2. chat decode speed: one streamed reply alone, tokens after the first / time after the first;
+2. chat decode speed: one streamed reply alone per round, tokens after the first / time after the first;
 3. RSS of the server process: peak and at the end (sampled every 100 ms).
 """
 from __future__ import annotations
@@ -176,16 +177,38 @@ def stream_chat(client: httpx.Client, server: Server, max_tokens: int, system: s
     return n, (last - first) if first and last else 0.0
 
 
-def measure(server: Server, texts: list[tuple[str, str]], chat_streams: int, chat_tokens: int,
-            system: str) -> dict:
-    with httpx.Client(base_url=server.url, timeout=300, headers=server.headers) as client, RssSampler(server.pid) as rss:
-        for text, _ in texts[:5]:                                # warm-up: prompt caches, first allocations
+@dataclass
+class Tally:
+    """What one server accumulated over the rounds."""
+    latencies: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)
+    correct: int = 0
+
+
+def _classify_timed(server: Server, client: httpx.Client, text: str) -> tuple[str, float]:
+    for attempt in range(2):
+        t0 = time.perf_counter()
+        try:
+            return server.classify(client, text), (time.perf_counter() - t0) * 1000
+        except httpx.RemoteProtocolError:  # an idle keep-alive connection closed by the server: once more
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def warm_up(server: Server, texts: list[tuple[str, str]], system: str) -> None:
+    with httpx.Client(base_url=server.url, timeout=300, headers=server.headers) as client:
+        for text, _ in texts[:5]:                                # prompt caches, first allocations
             server.classify(client, text)
         stream_chat(client, server, 8, system)
-        decode = []
-        for _ in range(3):                                       # decode speed, alone
-            n, seconds = stream_chat(client, server, chat_tokens, system)
-            decode.append((n - 1) / seconds if seconds > 0 else 0.0)
+
+
+def run_round(server: Server, texts: list[tuple[str, str]], chat_streams: int, chat_tokens: int, system: str,
+              tally: Tally) -> None:
+    """One chat reply alone (decode speed), then ``texts`` classified while replies stream."""
+    with httpx.Client(base_url=server.url, timeout=300, headers=server.headers) as client:
+        n, seconds = stream_chat(client, server, chat_tokens, system)
+        tally.decode.append((n - 1) / seconds if seconds > 0 else 0.0)
         stop = threading.Event()
 
         def chat_loop() -> None:
@@ -195,21 +218,42 @@ def measure(server: Server, texts: list[tuple[str, str]], chat_streams: int, cha
         background = [threading.Thread(target=chat_loop, daemon=True) for _ in range(chat_streams)]
         for t in background:
             t.start()
-        time.sleep(1.0)                                          # the replies are streaming
-        latencies, correct = [], 0
+        time.sleep(0.5)                                          # the replies are streaming
         for text, label in texts:
-            t0 = time.perf_counter()
-            correct += server.classify(client, text) == label
-            latencies.append((time.perf_counter() - t0) * 1000)
+            got, ms = _classify_timed(server, client, text)
+            tally.latencies.append(ms)
+            tally.correct += got == label
         stop.set()
         for t in background:
             t.join(60)
-    q = statistics.quantiles(latencies, n=10)
-    return {"server": server.name, "texts": len(texts), "p50_ms": round(statistics.median(latencies), 1),
-            "p90_ms": round(q[8], 1), "accuracy": round(correct / len(texts), 3),
-            "decode_tps": round(statistics.median(decode), 1),
-            "rss_peak_mb": round(rss.peak / 1e6) if rss.peak else None,
-            "rss_end_mb": round(rss.last / 1e6) if rss.last else None}
+
+
+def measure(servers: list[Server], texts: list[tuple[str, str]], chat_streams: int, chat_tokens: int,
+            system: str, rounds: int) -> list[dict]:
+    """Rounds alternate between the servers, so background load on the machine hits both alike."""
+    for server in servers:
+        warm_up(server, texts, system)
+    tallies = [Tally() for _ in servers]
+    samplers = [RssSampler(s.pid).__enter__() for s in servers]
+    try:
+        chunk = -(-len(texts) // rounds)
+        for r in range(rounds):
+            part = texts[r * chunk:(r + 1) * chunk]
+            for server, tally in zip(servers, tallies):
+                run_round(server, part, chat_streams, chat_tokens, system, tally)
+    finally:
+        for sampler in samplers:
+            sampler.__exit__()
+    rows = []
+    for server, tally, rss in zip(servers, tallies, samplers):
+        q = statistics.quantiles(tally.latencies, n=10)
+        rows.append({"server": server.name, "texts": len(tally.latencies),
+                     "p50_ms": round(statistics.median(tally.latencies), 1), "p90_ms": round(q[8], 1),
+                     "accuracy": round(tally.correct / len(tally.latencies), 3),
+                     "decode_tps": round(statistics.median(tally.decode), 1),
+                     "rss_peak_mb": round(rss.peak / 1e6) if rss.peak else None,
+                     "rss_end_mb": round(rss.last / 1e6) if rss.last else None})
+    return rows
 
 
 def read_texts(path: Path, limit: int) -> list[tuple[str, str]]:
@@ -249,42 +293,38 @@ def _print(rows: list[dict], verdict: dict | None) -> None:
               show_default=True)
 @click.option("--limit", default=200, show_default=True, help="Texts to classify.")
 @click.option("--chat-streams", default=1, show_default=True, help="Replies streaming during the sentiment run.")
-@click.option("--chat-tokens", default=128, show_default=True, help="Reply length for the decode-speed run.")
+@click.option("--chat-tokens", default=128, show_default=True, help="Reply length for the decode-speed runs.")
+@click.option("--rounds", default=5, show_default=True, help="Rounds alternating between the servers.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results here.")
 def bench_http(url: str | None, model: Path | None, api_key: str | None, peer_server: Path | None, peer_ctx: int,
-               threads: int, texts_file: Path, limit: int, chat_streams: int, chat_tokens: int,
+               threads: int, texts_file: Path, limit: int, chat_streams: int, chat_tokens: int, rounds: int,
                json_out: Path | None) -> None:
     """Sentiment latency under chat load, chat decode speed and RSS over HTTP; optionally vs llama-server."""
     from edge.settings import load_settings
     settings = load_settings()
     system = (settings.prompts.dir / "chat" / "system.txt").read_text(encoding="utf-8").strip()
     texts = read_texts(texts_file, limit)
-    own_proc = None
-    if model is not None:
-        own_proc, url = start_ours(model)
-    url = (url or "http://127.0.0.1:11434").rstrip("/")
+    procs: list[subprocess.Popen] = []
     try:
-        _wait_ready(url, own_proc)
-        health = httpx.get(url + "/health", timeout=10).json()
-        model_path = Path(health["model"]["path"])
-        rows = [measure(ours(url, api_key, own_proc.pid if own_proc else None), texts, chat_streams, chat_tokens,
-                        system)]
-    finally:
-        if own_proc is not None:
-            own_proc.terminate()
-            own_proc.wait(60)
-    verdict = None
-    if peer_server is not None:
-        proc, peer_url = start_peer(peer_server, model_path, peer_ctx, threads, chat_streams)
-        try:
+        if model is not None:
+            own, url = start_ours(model)
+            procs.append(own)
+        url = (url or "http://127.0.0.1:11434").rstrip("/")
+        _wait_ready(url, procs[0] if procs else None)
+        model_path = Path(httpx.get(url + "/health", timeout=10).json()["model"]["path"])
+        servers = [ours(url, api_key, procs[0].pid if procs else None)]
+        if peer_server is not None:
+            proc, peer_url = start_peer(peer_server, model_path, peer_ctx, threads, chat_streams)
+            procs.append(proc)
             _wait_ready(peer_url, proc)
-            rows.append(measure(peer(peer_url, proc.pid, settings.prompts.dir), texts, chat_streams, chat_tokens,
-                                system))
-        finally:
+            servers.append(peer(peer_url, proc.pid, settings.prompts.dir))
+        rows = measure(servers, texts, chat_streams, chat_tokens, system, rounds)
+    finally:
+        for proc in procs:
             proc.terminate()
             proc.wait(60)
-        verdict = _verdict(rows[0], rows[1])
+    verdict = _verdict(rows[0], rows[1]) if len(rows) == 2 else None
     _print(rows, verdict)
     if json_out is not None:
         tmp = json_out.with_name(f".{json_out.name}.tmp-{os.getpid()}")

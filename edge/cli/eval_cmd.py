@@ -53,7 +53,7 @@ def _print_human(result: dict) -> None:
 @click.option("--language", type=click.Choice(["auto", "en", "zh"]), default=None,
               help="Prompt language; default: the configured one (auto = per text).")
 @click.option("--split", type=click.Choice(SPLITS), default="all", show_default=True,
-              help="'tune' = the ~30 %% of rows used for prompt tuning (hash of the text), 'heldout' = the rest.")
+              help="'tune' = the ~30 % of rows used for prompt tuning (hash of the text), 'heldout' = the rest.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML settings file.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 def sentiment(file: Path, models: tuple[Path, ...], as_json: bool, limit: int | None, language: str | None,

@@ -71,15 +71,30 @@ class ChatEngine:
     def fit(self, messages: list[ChatMessage], max_tokens: int) -> tuple[list[ChatMessage], list[int]]:
         """Drop the oldest turns (never the system prompt) until prompt + reply fit the budget."""
         msgs = self.with_system(messages)
-        while True:
-            tokens = self.template.tokens(msgs, True, self._memo.get)
-            if len(tokens) + max_tokens <= self.budget():
-                return msgs, tokens
-            if len(msgs) <= 2:
-                if len(tokens) + 16 <= self.budget():  # shorten the reply rather than fail
-                    return msgs, tokens
-                raise ContextOverflow(f"the message is too long: {len(tokens)} tokens, context allows {self.budget()}")
-            msgs = [msgs[0], *msgs[2:]]
+        budget = self.budget()
+        if len(msgs) - 1 > budget:  # every turn costs at least one token: older ones can never fit
+            msgs = [msgs[0], *msgs[len(msgs) - budget:]]
+
+        def keep(dropped: int) -> list[ChatMessage]:
+            return [msgs[0], *msgs[1 + dropped:]]
+
+        # Fewest dropped turns that fit, by bisection: one request with thousands of turns must not
+        # hold the engine worker for minutes re-rendering the history once per dropped turn.
+        lo, hi, found = 0, max(0, len(msgs) - 2), None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            tokens = self.template.tokens(keep(mid), True, self._memo.get)
+            if len(tokens) + max_tokens <= budget:
+                found, hi = (mid, tokens), mid - 1
+            else:
+                lo = mid + 1
+        if found is not None:
+            return keep(found[0]), found[1]
+        last = keep(max(0, len(msgs) - 2))
+        tokens = self.template.tokens(last, True, self._memo.get)
+        if len(tokens) + 16 <= budget:  # shorten the reply rather than fail
+            return last, tokens
+        raise ContextOverflow(f"the message is too long: {len(tokens)} tokens, context allows {budget}")
 
     def _system_prefix(self) -> list[int]:
         if self._system_tokens is None:
@@ -202,8 +217,9 @@ class ChatEngine:
             else:
                 stats.finish_reason = "length"
             stats.completion_tokens = len(generated)
-            if t_first is not None and len(generated) > 1:
-                stats.decode_tps = (len(generated) - 1) / max(1e-9, time.perf_counter() - t_first)
+            n_decoded = pos - len(tokens)  # single-token decodes since the first token was sampled
+            if t_first is not None and n_decoded > 0:
+                stats.decode_tps = n_decoded / max(1e-9, time.perf_counter() - t_first)
             self._remember(text, generated)
         finally:
             llama_cpp.llama_sampler_free(chain)

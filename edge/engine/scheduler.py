@@ -21,6 +21,10 @@ from edge.engine.types import ChatMessage, ChatStats, SamplingParams, SentimentR
 
 log = logging.getLogger(__name__)
 SENTIMENT_CHUNK = 8  # a long bulk request yields to chat between chunks of this many texts
+# While replies are being generated, at most this many sentiment chunks run between two chat steps:
+# sentiment still waits for one token of each reply at most, and a steady stream of sentiment
+# requests can no longer starve the replies.
+SENTIMENT_BURST = 4
 
 
 class QueueFull(RuntimeError):
@@ -151,6 +155,7 @@ class Scheduler:
 
     # -- worker ---------------------------------------------------------------------------------
     def _run(self) -> None:
+        burst = 0  # sentiment chunks run since the last chat step
         while True:
             with self._cond:
                 while self._running and not (self._sentiment or self._pending_chats or self._active):
@@ -159,9 +164,11 @@ class Scheduler:
                 if not self._running:
                     break
                 job = self._sentiment[0] if self._sentiment else None
-            if job is not None:
+            if job is not None and not ((self._active or self._pending_chats) and burst >= SENTIMENT_BURST):
                 self._step_sentiment(job)
+                burst += 1
                 continue
+            burst = 0
             self._start_pending_chats()
             self._step_chats()
             self._housekeeping()

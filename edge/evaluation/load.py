@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import httpx
 import psutil
@@ -304,7 +304,3 @@ def report_failures(report: dict, sentiment_p99_bound_ms: float | None = None) -
     if sentiment_p99_bound_ms is not None and p99 is not None and p99 > sentiment_p99_bound_ms:
         problems.append(f"sentiment p99 {p99:.0f} ms is over the bound of {sentiment_p99_bound_ms:.0f} ms")
     return problems
-
-
-def as_dict(opts: LoadOptions) -> dict:
-    return asdict(opts)

@@ -1,8 +1,10 @@
 """The compute floor: bare llama.cpp calls on the engine's already loaded weights.
 
 A second llama.cpp context is created on the engine's model (the weights are shared, not copied)
-with llama.cpp's *default* context parameters except n_ctx, n_batch and the thread count, which
-match the engine's. Definitions used by the benchmark:
+with llama.cpp's default context parameters except n_ctx, n_batch, the thread count and, unless
+`engine_kv=False`, the KV cache type and flash attention, which match the engine's (the KV type is
+a memory choice of the configuration, so the floor is computed for the same one; the benchmark also
+reports the floor with llama.cpp's default f16 cache). Definitions used by the benchmark:
 
 - prefill floor of a request: wall time of ONE `llama_decode` of exactly the tokens the engine's
   request evaluates (its text + the turn's closing tokens), logits for the last token only, on an
@@ -18,11 +20,11 @@ import time
 import llama_cpp
 import numpy as np
 
-from edge.engine.runtime import LlamaRuntime
+from edge.engine.runtime import KV_CACHE_TYPES, LlamaRuntime
 
 
 class RawContext:
-    def __init__(self, rt: LlamaRuntime) -> None:
+    def __init__(self, rt: LlamaRuntime, engine_kv: bool = True) -> None:
         self.rt = rt
         threads = llama_cpp.llama_n_threads(rt.ctx)
         params = llama_cpp.llama_context_default_params()
@@ -32,6 +34,10 @@ class RawContext:
         params.n_threads = threads
         params.n_threads_batch = llama_cpp.llama_n_threads_batch(rt.ctx)
         params.no_perf = True
+        if engine_kv:
+            params.type_k = params.type_v = KV_CACHE_TYPES[rt.config.kv_cache_type]
+            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if rt.config.flash_attn
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.threads = threads
         self.ctx = llama_cpp.llama_init_from_model(rt.model, params)
         if not self.ctx:
