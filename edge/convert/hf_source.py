@@ -32,6 +32,11 @@ class Source:
 def download(repo: str, revision: str, cache_dir: Path | None = None) -> Source:
     """Fetch `repo` at `revision` (progress bar, resumable) and describe it."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import logging as hf_logging
+
+    # Its per-retry warnings (printed twice, by its own handler and ours) bury the one line we
+    # print when the download finally fails; keep errors only.
+    hf_logging.set_verbosity_error()
 
     try:
         folder = Path(snapshot_download(repo_id=repo, revision=revision, allow_patterns=ALLOW_PATTERNS,
