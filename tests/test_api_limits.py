@@ -102,9 +102,9 @@ def test_size_limits(http):
     assert r.status_code == 413
 
 
-def _open_stream(live, results: list, stop: threading.Event) -> None:
+def _open_stream(live, results: list, stop: threading.Event, seed: int) -> None:
     with live.client(headers={"Authorization": f"Bearer {KEY}"}) as c:
-        with c.stream("POST", "/api/chat", json={"model": "qwen-edge", "stream": True,
+        with c.stream("POST", "/api/chat", json={"model": "qwen-edge", "stream": True, "options": {"seed": seed},
                                                  "messages": [{"role": "user", "content": "tell me a story"}]}) as r:
             results.append(r.status_code)
             for _ in r.iter_lines():
@@ -112,33 +112,39 @@ def _open_stream(live, results: list, stop: threading.Event) -> None:
                     return
 
 
+def _busy(scheduler) -> bool:
+    return scheduler.active_chats + scheduler.queue_depth >= 2
+
+
 def test_full_queue_answers_503_with_retry_after_and_disconnect_stops_generation(live, http):
-    serving = live.serving
+    scheduler = live.serving.scheduler
     stop = threading.Event()
     statuses: list[int] = []
-    threads = [threading.Thread(target=_open_stream, args=(live, statuses, stop), daemon=True) for _ in range(2)]
+    threads: list[threading.Thread] = []
     try:
-        for t in threads:
-            t.start()
-            time.sleep(0.3)
-        deadline = time.monotonic() + 20
-        while serving.scheduler.active_chats + serving.scheduler.queue_depth < 2:
-            assert time.monotonic() < deadline, "the two chats never got going"
-            time.sleep(0.05)
+        # one slot, a queue of one: two long replies fill both. A random-weight model may end a reply
+        # early, so more are started (different seeds) until two are running at once.
+        for seed in range(8):
+            threads.append(threading.Thread(target=_open_stream, args=(live, statuses, stop, seed), daemon=True))
+            threads[-1].start()
+            deadline = time.monotonic() + 1.5
+            while not _busy(scheduler) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if _busy(scheduler):
+                break
+        assert _busy(scheduler), "two chats never ran at once"
         r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503, r.text
         assert r.headers["retry-after"] == "3" and r.json()["error"]["type"] == "overloaded"
-        r = http.post("/v1/sentiment", json={"text": "also refused while the queue is full"})
-        assert r.status_code in (200, 503)  # sentiment jobs are admitted by the same bound
     finally:
-        stop.set()  # both clients hang up: their generations must stop long before 1500 tokens
+        stop.set()  # the clients hang up: their generations must stop long before 1500 tokens
         for t in threads:
             t.join(timeout=30)
     deadline = time.monotonic() + 20
-    while serving.scheduler.active_chats or serving.scheduler.queue_depth:
+    while scheduler.active_chats or scheduler.queue_depth:
         assert time.monotonic() < deadline, "generation went on after the clients left"
         time.sleep(0.05)
-    assert statuses == [200, 200]
+    assert statuses.count(200) >= 2 and set(statuses) <= {200, 503}
     metrics = http.get("/metrics").text
     generated = float(next(line for line in metrics.splitlines()
                            if line.startswith("qwen_edge_generated_tokens_total")).split()[-1])
