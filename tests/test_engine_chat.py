@@ -114,3 +114,29 @@ def test_conversation_respond_gives_label_then_reply(engine):
     assert convo.last_stats is not None
     convo.reset()
     assert convo.history == []
+
+
+@pytest.mark.parametrize("temperature, top_k, penalty", [(0.0, 20, 1.05), (0.8, 20, 1.05), (1.0, 5, 1.3), (0.7, 40, 1.0)])
+def test_sampling_from_the_top_tokens_picks_what_the_full_vocabulary_picks(engine, temperature, top_k, penalty):
+    import numpy as np
+
+    from edge.engine.chat import ChatEngine
+    from edge.settings import ChatSettings
+    rt = engine.rt
+    chats = [ChatEngine(rt, engine.template, "s", engine.system_seq, [],
+                        ChatSettings(temperature=temperature, top_k=top_k, repeat_penalty=penalty, seed=7))
+             for _ in range(2)]
+    (full, _), (short, pre) = chats[0]._sampler(SamplingParams()), chats[1]._sampler(SamplingParams())
+    assert pre is not None and pre < rt.n_vocab
+    rng = np.random.default_rng(0)
+    picks_full, picks_short = [], []
+    try:
+        for _ in range(150):
+            logits = (rng.standard_normal(rt.n_vocab) * 3).astype(np.float32)
+            picks_full.append(rt.sample(full, logits))
+            picks_short.append(rt.sample(short, logits, pre))
+    finally:
+        import llama_cpp
+        llama_cpp.llama_sampler_free(full)
+        llama_cpp.llama_sampler_free(short)
+    assert picks_full == picks_short

@@ -23,6 +23,7 @@ from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.settings import ChatSettings
 
 _MEMO_SIZE = 64
+PENALTY_LAST_N = 64  # tokens the repeat penalty looks back over
 
 
 class ContextOverflow(ValueError):
@@ -154,24 +155,33 @@ class ChatEngine:
                     raise
 
     # -- generation -----------------------------------------------------------------------------
-    def _sampler(self, p: SamplingParams):
+    def _sampler(self, p: SamplingParams) -> tuple[object, int | None]:
+        """A llama.cpp sampler chain for these settings, and how many top tokens it can ever pick
+        from (None: the whole vocabulary): top-k, plus the tokens the repeat penalty may demote."""
         d = self.defaults
         temp = d.temperature if p.temperature is None else p.temperature
         seed = d.seed if p.seed is None else p.seed
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
         if d.repeat_penalty != 1.0:
-            add(llama_cpp.llama_sampler_init_penalties(self.rt.n_vocab, 64, d.repeat_penalty, 0.0, 0.0))
+            add(llama_cpp.llama_sampler_init_penalties(self.rt.n_vocab, PENALTY_LAST_N, d.repeat_penalty, 0.0, 0.0))
         if temp <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
-            return chain
-        add(llama_cpp.llama_sampler_init_top_k(d.top_k if p.top_k is None else p.top_k))
+            return chain, self._preselect(1)
+        top_k = d.top_k if p.top_k is None else p.top_k
+        add(llama_cpp.llama_sampler_init_top_k(top_k))
         add(llama_cpp.llama_sampler_init_top_p(d.top_p if p.top_p is None else p.top_p, 1))
         if d.min_p > 0:
             add(llama_cpp.llama_sampler_init_min_p(d.min_p, 1))
         add(llama_cpp.llama_sampler_init_temp(temp))
         add(llama_cpp.llama_sampler_init_dist(seed if seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED))
-        return chain
+        return chain, self._preselect(top_k)
+
+    def _preselect(self, top_k: int) -> int | None:
+        # a penalty below 1 promotes recent tokens from anywhere in the vocabulary: no shortcut then
+        if top_k <= 0 or self.defaults.repeat_penalty < 1.0:
+            return None
+        return top_k + (PENALTY_LAST_N if self.defaults.repeat_penalty != 1.0 else 0)
 
     def stream(self, messages: list[ChatMessage], params: SamplingParams = SamplingParams(),
                stats: ChatStats | None = None) -> Iterator[str]:
@@ -183,7 +193,7 @@ class ChatEngine:
         max_tokens = min(max_tokens, self.budget() - len(tokens))
         t0 = time.perf_counter()
         slot, reuse = self._claim_slot(tokens)
-        chain = self._sampler(params)
+        chain, preselect = self._sampler(params)
         stats.prompt_tokens, stats.cached_tokens, stats.finish_reason = len(tokens), reuse, "cancelled"
         generated: list[int] = []
         text = ""
@@ -194,7 +204,7 @@ class ChatEngine:
             pos = len(tokens)
             t_first = None
             for _ in range(max_tokens):
-                tok = self.rt.sample(chain, logits)
+                tok = self.rt.sample(chain, logits, preselect)
                 if self.rt.is_end(tok):
                     stats.finish_reason = "stop"
                     break

@@ -212,15 +212,24 @@ class LlamaRuntime:
             raise RuntimeError_(f"llama_decode failed ({rc})")
         self.n_evaluated += self._batch.n_tokens
 
-    def sample(self, sampler: "llama_cpp.llama_sampler_p", logits: np.ndarray) -> int:
+    def sample(self, sampler: "llama_cpp.llama_sampler_p", logits: np.ndarray, preselect: int | None = None) -> int:
         """Pick a token from a *copy* of some logits with a llama.cpp sampler chain, and accept it.
 
         Sampling from a copy (not from the context) is what lets sentiment requests run between
-        two steps of a chat reply without disturbing it.
+        two steps of a chat reply without disturbing it. With `preselect`, only the that many
+        best-scoring tokens are handed to the chain; the caller guarantees the chain could not
+        pick outside them (top-k plus every token a penalty can demote), so the choice is the
+        same and the per-token cost of filling a 150k-entry array is gone.
         """
-        cand = self._candidates
-        cand["id"] = self._all_ids
-        cand["logit"] = logits
+        if preselect is not None and preselect < self.n_vocab:
+            ids = np.argpartition(logits, -preselect)[-preselect:].astype(np.int32)
+            cand = np.empty(preselect, dtype=TOKEN_DATA)
+            cand["id"] = ids
+            cand["logit"] = logits[ids]
+        else:
+            cand = self._candidates
+            cand["id"] = self._all_ids
+            cand["logit"] = logits
         cand["p"] = 0.0
         arr = llama_cpp.llama_token_data_array(
             data=cand.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
