@@ -123,10 +123,12 @@ def test_full_queue_answers_503_with_retry_after_and_disconnect_stops_generation
     threads: list[threading.Thread] = []
     try:
         # one slot, a queue of one: two long replies fill both. A random-weight model may end a reply
-        # early, so more are started (different seeds) until two are running at once.
-        for seed in range(8):
-            threads.append(threading.Thread(target=_open_stream, args=(live, statuses, stop, seed), daemon=True))
-            threads[-1].start()
+        # early (on a quiet machine within milliseconds), so streams are started three at a time,
+        # with different seeds, until two are running at once.
+        for seed in range(0, 24, 3):
+            for s in range(seed, seed + 3):
+                threads.append(threading.Thread(target=_open_stream, args=(live, statuses, stop, s), daemon=True))
+                threads[-1].start()
             deadline = time.monotonic() + 1.5
             while not _busy(scheduler) and time.monotonic() < deadline:
                 time.sleep(0.02)

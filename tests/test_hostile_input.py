@@ -214,8 +214,8 @@ def _first_greedy_token(engine, messages: list[ChatMessage]) -> int:
     picked: list[int] = []
     real = engine.rt.sample
 
-    def spy(chain, logits):
-        picked.append(real(chain, logits))
+    def spy(chain, logits, preselect=None):
+        picked.append(real(chain, logits, preselect))
         return picked[-1]
     engine.rt.sample = spy
     try:
