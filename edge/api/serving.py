@@ -124,8 +124,7 @@ class ServingState:
         if self.status != "ready":
             return self.status
         memory_ok = self.guard is None or self.guard.snapshot().get("state", "ok") == "ok"
-        worker_ok = self.scheduler is not None and self.scheduler._thread is not None \
-            and self.scheduler._thread.is_alive()
+        worker_ok = self.scheduler is not None and self.scheduler.alive
         return "ready" if memory_ok and worker_ok else "degraded"
 
     def _admit(self) -> Scheduler:

@@ -101,6 +101,11 @@ class Scheduler:
         return len(self._sentiment) + len(self._pending_chats)
 
     @property
+    def alive(self) -> bool:
+        """The worker thread is running (health checks)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def active_chats(self) -> int:
         return len(self._active)
 
