@@ -39,8 +39,12 @@ class ModelSettings(BaseModel):
     n_ctx: int = Field(2048, ge=256, le=32768, description="Context size (tokens), shared by all sequences")
     n_batch: int = Field(512, ge=32, le=4096, description="Prompt tokens evaluated per llama.cpp call")
     n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = number of physical cores")
-    kv_cache_type: Literal["f16", "q8_0"] = Field("q8_0", description="KV cache type (q8_0 halves its memory)")
+    kv_cache_type: Literal["auto", "f16", "q8_0"] = Field(
+        "auto", description="KV cache type. auto: f16 (fastest attention on CPU) when the model stays under the "
+                            "memory soft limit with it, else q8_0 (half the KV memory)")
     flash_attn: bool = Field(True, description="Flash attention (needed for a quantized V cache)")
+    mmap: bool = Field(False, description="Map the model file instead of reading it; off keeps weights that "
+                                          "llama.cpp repacks from also staying resident as file pages")
     n_seq_max: int = Field(16, ge=8, le=64, description="KV sequences: 2 sentiment prefixes + chat prefix + 4 sentiment work + chat slots")
 
 

@@ -179,3 +179,50 @@ def test_cgroup_chain_takes_the_lowest_ancestor_limit(tmp_path):
     assert cgroup_chain_limit(proc, roots) == 512 * MIB
     proc.write_text("0::/\n")
     assert cgroup_chain_limit(proc, roots) is None
+
+
+def test_repacked_weights_count_twice_only_when_mapped(f32):
+    q4, q8 = retype_info(f32, "q4_k_m"), retype_info(f32, "q8_0")
+    read = estimate_memory(q4, 2048, "q8_0", repack_rows=X86_AVX2)
+    mapped = estimate_memory(q4, 2048, "q8_0", repack_rows=X86_AVX2, mmap=True)
+    assert read.repacked_bytes == 0 and mapped.repacked_bytes == repacked_bytes(q4, X86_AVX2)
+    assert mapped.total_bytes - read.total_bytes == pytest.approx(140 * MIB, rel=0.02)  # llama.cpp's CPU_REPACK
+    assert estimate_memory(q8, 2048, "q8_0", repack_rows=X86_AVX2, mmap=True).total_bytes == \
+        estimate_memory(q8, 2048, "q8_0", repack_rows=X86_AVX2).total_bytes
+
+
+def _settings(kv: str = "auto", **memory):
+    return load_settings(None, model={"kv_cache_type": kv, "n_ctx": 2048, "n_seq_max": 16}, memory=memory)
+
+
+@pytest.mark.parametrize("quant, budget_mib, expected", [
+    ("q4_k_m", 1024, "f16"),     # est. ~770 MiB with f16: under the soft limit (0.9 GiB)
+    ("q8_0", 1024, "q8_0"),      # f16 would need ~1015 MiB
+    ("q4_k_m", 800, "q8_0"),     # a smaller box: the smaller cache
+])
+def test_auto_kv_cache_type_takes_f16_only_under_the_soft_limit(f32, quant, budget_mib, expected):
+    from edge.model.preflight import plan_for, resolve_kv_cache_type
+    info = retype_info(f32, quant)
+    budget = budget_mib * MIB
+    assert resolve_kv_cache_type(info, _settings(), budget) == expected
+    assert plan_for(info, _settings(), budget).estimate.kv_cache_type == expected
+    assert resolve_kv_cache_type(info, _settings("q8_0"), 64 * GIB) == "q8_0"   # an explicit choice stands
+    assert resolve_kv_cache_type(info, _settings("f16"), budget) == "f16"
+
+
+def test_engine_runs_the_resolved_kv_cache_type(tiny_gguf):
+    from edge.engine.engine import Engine
+    from tests.engine_fixtures import tiny_settings
+    roomy = Engine.load(tiny_gguf, tiny_settings())
+    try:
+        assert roomy.info()["kv_cache_type"] == "f16"
+    finally:
+        roomy.close()
+    settings = tiny_settings()
+    settings.memory.budget_mb = 64          # below the runtime's own footprint: auto falls back
+    tight = Engine.load(tiny_gguf, settings)
+    try:
+        assert tight.info()["kv_cache_type"] == "q8_0"
+        assert tight.classify("great").label in ("positive", "negative")
+    finally:
+        tight.close()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
+from edge.engine.runtime import release_free_heap
 from edge.engine.scheduler import ChatHandle, Scheduler
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams, SentimentResult
 from edge.model.gguf_check import GGUFInfo, check_gguf
@@ -102,6 +103,7 @@ class ServingState:
         if self._shed_requested.is_set() and self.engine is not None:
             self._shed_requested.clear()
             dropped = self.engine.drop_idle()
+            release_free_heap()  # what the dropped sessions' Python objects freed goes back to the OS
             log.warning("memory pressure: dropped %d idle chat sessions", dropped)
         action = self._pending_reload
         if action is not None and self.scheduler is not None and self.scheduler.active_chats == 0:

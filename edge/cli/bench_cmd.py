@@ -67,7 +67,7 @@ def _print_human(r: dict) -> None:
 @click.option("--n-short", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--n-long", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--n-bulk", type=click.IntRange(min=1), default=32, show_default=True, help="Texts for the bulk run.")
-@click.option("--chat-turns", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--chat-turns", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--chat-max-tokens", type=click.IntRange(min=2), default=48, show_default=True)
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML settings file.")
 @click.pass_context

@@ -107,14 +107,15 @@ def peer(url: str, pid: int, prompts_dir: Path) -> Server:
     return Server("llama-server", url, pid, classify, chat_extra={"id_slot": 1})
 
 
-def start_peer(binary: Path, model: Path, n_ctx: int, threads: int, chat_streams: int) -> tuple[subprocess.Popen, str]:
+def start_peer(binary: Path, model: Path, n_ctx: int, threads: int, chat_streams: int, kv_cache_type: str,
+               extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     slots = 1 + chat_streams
     # its best configuration for this work: each slot keeps its own cache (the sentiment prefix is never
     # evicted by chat), no host-RAM prompt cache; same KV type and flash attention as ours
     cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx * slots),
            "-np", str(slots), "--no-kv-unified", "--cache-ram", "0", "-t", str(threads), "-fa", "on",
-           "-ctk", "q8_0", "-ctv", "q8_0", "-ngl", "0", "--no-webui"]
+           "-ctk", kv_cache_type, "-ctv", kv_cache_type, "-ngl", "0", "--no-webui", *extra_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -289,6 +290,8 @@ def _print(rows: list[dict], verdict: dict | None) -> None:
               help="llama.cpp `llama-server` binary: run the same work on it, same model file.")
 @click.option("--peer-ctx", default=2048, show_default=True, help="llama-server context per slot.")
 @click.option("--threads", default=2, show_default=True, help="llama-server threads (match model.n_threads).")
+@click.option("--peer-arg", "peer_args", multiple=True, help="Extra llama-server argument (repeatable), "
+              "e.g. --peer-arg=--load-mode --peer-arg=none.")
 @click.option("--texts", "texts_file", type=click.Path(exists=True, path_type=Path), default=DEFAULT_TEXTS,
               show_default=True)
 @click.option("--limit", default=200, show_default=True, help="Texts to classify.")
@@ -298,8 +301,8 @@ def _print(rows: list[dict], verdict: dict | None) -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results here.")
 def bench_http(url: str | None, model: Path | None, api_key: str | None, peer_server: Path | None, peer_ctx: int,
-               threads: int, texts_file: Path, limit: int, chat_streams: int, chat_tokens: int, rounds: int,
-               json_out: Path | None) -> None:
+               threads: int, peer_args: tuple[str, ...], texts_file: Path, limit: int, chat_streams: int,
+               chat_tokens: int, rounds: int, json_out: Path | None) -> None:
     """Sentiment latency under chat load, chat decode speed and RSS over HTTP; optionally vs llama-server."""
     from edge.settings import load_settings
     settings = load_settings()
@@ -312,10 +315,12 @@ def bench_http(url: str | None, model: Path | None, api_key: str | None, peer_se
             procs.append(own)
         url = (url or "http://127.0.0.1:11434").rstrip("/")
         _wait_ready(url, procs[0] if procs else None)
-        model_path = Path(httpx.get(url + "/health", timeout=10).json()["model"]["path"])
+        served = httpx.get(url + "/health", timeout=10).json()["model"]
+        model_path = Path(served["path"])
         servers = [ours(url, api_key, procs[0].pid if procs else None)]
         if peer_server is not None:
-            proc, peer_url = start_peer(peer_server, model_path, peer_ctx, threads, chat_streams)
+            proc, peer_url = start_peer(peer_server, model_path, peer_ctx, threads, chat_streams,
+                                        served["kv_cache_type"], peer_args)
             procs.append(proc)
             _wait_ready(peer_url, proc)
             servers.append(peer(peer_url, proc.pid, settings.prompts.dir))

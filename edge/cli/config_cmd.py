@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from edge.cli.common import config_option, settings_from
-from edge.settings import Settings
+from edge.settings import PROJECT_ROOT, Settings
 
 
 def settings_table() -> str:
@@ -17,8 +17,8 @@ def settings_table() -> str:
         model = field.annotation
         for name, f in model.model_fields.items():
             default = f.get_default(call_default_factory=True)
-            if isinstance(default, Path):
-                default = str(default).replace(str(Path.home()), "~")
+            if isinstance(default, Path):  # machine-independent: the README shows this table
+                default = str(default).replace(str(PROJECT_ROOT), "<project>").replace(str(Path.home()), "~")
             env = f"QWEN_EDGE_{section.upper()}__{name.upper()}"
             rows.append(f"| `[{section}] {name}` | `{env}` | `{json.dumps(default, default=str, ensure_ascii=False)}` "
                         f"| {f.description or ''} |")

@@ -17,7 +17,8 @@ import psutil
 from edge.model import cpu as cpu_mod
 from edge.model.gguf_check import ModelFileError, check_gguf
 from edge.model.inventory import ModelFileReport, inspect_model_dir
-from edge.model.memory import cgroup_chain_limit, effective_budget_bytes, plan_fit
+from edge.model.memory import cgroup_chain_limit, effective_budget_bytes
+from edge.model.preflight import plan_for
 from edge.settings import Settings, SettingsError, load_settings
 
 MIB = 1 << 20
@@ -67,16 +68,16 @@ def _model_entry(report: ModelFileReport, settings: Settings, budget: int, measu
     if report.info is None:
         return entry
     m = settings.model
-    plan = plan_fit(report.info, budget, m.n_ctx, m.kv_cache_type, m.n_batch, m.n_seq_max, m.flash_attn,
-                    headroom=settings.memory.hard_fraction)
+    plan = plan_for(report.info, settings, budget)
+    kv = plan.estimate.kv_cache_type
     entry.update(estimate=plan.estimate.to_dict(), fits=plan.fits, fit_message=plan.message)
     if measure:
         from edge.model.measure import MeasureError, measure_memory
         from edge.model.memory import PYTHON_RUNTIME_BYTES, estimate_memory
-        bare = estimate_memory(report.info, m.n_ctx, m.kv_cache_type, m.n_batch, m.n_seq_max, m.flash_attn,
-                               runtime_bytes=PYTHON_RUNTIME_BYTES)
+        bare = estimate_memory(report.info, m.n_ctx, kv, m.n_batch, m.n_seq_max, m.flash_attn,
+                               runtime_bytes=PYTHON_RUNTIME_BYTES, mmap=m.mmap)
         try:
-            got = measure_memory(report.path, m.n_ctx, m.kv_cache_type, m.n_batch, m.n_seq_max, m.flash_attn)
+            got = measure_memory(report.path, m.n_ctx, kv, m.n_batch, m.n_seq_max, m.flash_attn, mmap=m.mmap)
             error = (bare.total_bytes - got.rss_bytes) / got.rss_bytes
             entry["measured"] = {"rss_bytes": got.rss_bytes, "peak_rss_bytes": got.peak_rss_bytes,
                                  "estimate_bare_bytes": bare.total_bytes, "error": round(error, 4),

@@ -21,6 +21,7 @@ from edge.engine.runtime import KVCacheFull, LlamaRuntime, RuntimeConfig
 from edge.engine.sentiment import SentimentClassifier
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams, SentimentResult
 from edge.model.gguf_check import check_gguf
+from edge.model.preflight import resolve_kv_cache_type
 from edge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,12 @@ class Engine:
 
     @classmethod
     def load(cls, model_path: Path | str, settings: Settings) -> "Engine":
-        check_gguf(model_path)  # a hostile or broken file is refused here, before llama.cpp parses it
+        info = check_gguf(model_path)  # a hostile or broken file is refused here, before llama.cpp parses it
         m = settings.model
         rt = LlamaRuntime(model_path, RuntimeConfig(n_ctx=m.n_ctx, n_batch=m.n_batch, n_threads=m.n_threads,
-                                                    n_seq_max=m.n_seq_max, kv_cache_type=m.kv_cache_type,
-                                                    flash_attn=m.flash_attn))
+                                                    n_seq_max=m.n_seq_max,
+                                                    kv_cache_type=resolve_kv_cache_type(info, settings),
+                                                    flash_attn=m.flash_attn, mmap=m.mmap))
         try:
             return cls(rt, settings)
         except Exception:

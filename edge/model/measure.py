@@ -52,10 +52,11 @@ class MeasureError(RuntimeError):
 
 def measure_memory(model: Path | str, n_ctx: int = 2048, kv_cache_type: str = "q8_0", n_batch: int = 512,
                    n_seq_max: int = 1, flash_attn: bool = True, timeout_s: float = 900.0,
-                   python: str = sys.executable) -> MeasuredMemory:
+                   python: str = sys.executable, mmap: bool = False) -> MeasuredMemory:
     """Load ``model`` in a child process, fill ``n_ctx`` tokens, return its memory figures."""
     cmd = [python, "-m", "edge.model.measure", str(model), "--n-ctx", str(n_ctx), "--kv", kv_cache_type,
-           "--n-batch", str(n_batch), "--n-seq-max", str(n_seq_max)] + ([] if flash_attn else ["--no-flash-attn"])
+           "--n-batch", str(n_batch), "--n-seq-max", str(n_seq_max)]
+    cmd += ([] if flash_attn else ["--no-flash-attn"]) + (["--mmap"] if mmap else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -77,12 +78,19 @@ def parse_buffer_sizes(llama_log: str) -> dict[str, float]:
     return sizes
 
 
-def _fill_context(model_path: str, n_ctx: int, kv: str, n_batch: int, n_seq_max: int, flash_attn: bool) -> int:
+def _fill_context(model_path: str, n_ctx: int, kv: str, n_batch: int, n_seq_max: int, flash_attn: bool,
+                  mmap: bool) -> int:
     import llama_cpp  # only in the child: a crash here must not take the caller down
 
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG)   # buffer sizes go to stderr
+    from edge.engine.runtime import load_mode, release_free_heap  # routes llama.cpp's log to logging
+
+    logging.basicConfig(stream=sys.stderr, format="%(message)s")
+    logging.getLogger("edge.llama_cpp").setLevel(logging.DEBUG)   # buffer sizes go to stderr
+
     llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(model_path.encode(), llama_cpp.llama_model_default_params())
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.load_mode = load_mode(mmap)
+    model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
     if not model:
         raise SystemExit(f"llama.cpp could not load {model_path}")
     kv_type = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[kv]
@@ -95,6 +103,7 @@ def _fill_context(model_path: str, n_ctx: int, kv: str, n_batch: int, n_seq_max:
     ctx = llama_cpp.llama_init_from_model(model, cp)
     if not ctx:
         raise SystemExit(f"llama.cpp could not create a context of {n_ctx} tokens")
+    release_free_heap()  # as the engine does after loading
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
     batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
     pos = 0
@@ -137,12 +146,14 @@ def _child(argv: list[str]) -> None:
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--n-seq-max", type=int, default=1)
     ap.add_argument("--no-flash-attn", action="store_true")
+    ap.add_argument("--mmap", action="store_true")
     args = ap.parse_args(argv)
     proc = psutil.Process()
     import llama_cpp  # noqa: F401  (the baseline includes the library, as in the daemon)
     baseline = proc.memory_info().rss
     start = time.monotonic()
-    n = _fill_context(args.model, args.n_ctx, args.kv, args.n_batch, args.n_seq_max, not args.no_flash_attn)
+    n = _fill_context(args.model, args.n_ctx, args.kv, args.n_batch, args.n_seq_max, not args.no_flash_attn,
+                      args.mmap)
     try:
         uss = proc.memory_full_info().uss
     except (psutil.AccessDenied, AttributeError):

@@ -2,10 +2,11 @@
 
 The parts (all measured on llama.cpp's CPU backend; see BENCHMARKS.md "Memory (issue 4)"):
 
-- weights: the model file is mmap'd and every page of its data section ends up resident (each
-  weight is read at least once, and the pages of weights that get repacked stay mapped);
+- weights: every byte of the file's data section ends up resident, read into buffers (the
+  default) or, with mmap, as mapped file pages (each weight is read at least once);
 - repacked weights: the CPU backend copies some quant types into an interleaved layout in an
-  extra (anonymous) buffer of the same size, e.g. Q4_0/Q4_K on x86 with AVX2 (see cpu.py);
+  extra (anonymous) buffer, e.g. Q4_0/Q4_K on x86 with AVX2 (see cpu.py). Read into buffers, a
+  repacked weight exists once; with mmap its mapped pages stay resident too, so it counts twice;
 - KV cache: n_layer × n_ctx × n_head_kv × (head_dim_k + head_dim_v) × bytes per element;
 - compute: llama.cpp *reserves* n_vocab × n_ubatch floats for the worst case, but only the
   activations of one ubatch are ever touched: ~(3·n_ff + 6·n_embd) floats per token, plus a fixed
@@ -49,8 +50,8 @@ class MemoryEstimate:
     file_type: str
     n_ctx: int
     kv_cache_type: str
-    weights_bytes: int          # mmap'd data section of the file
-    repacked_bytes: int         # extra copies in the CPU_REPACK buffer
+    weights_bytes: int          # data section of the file
+    repacked_bytes: int         # with mmap: repacked copies kept besides their mapped pages
     kv_cache_bytes: int
     compute_bytes: int          # resident part of the compute buffer
     output_bytes: int
@@ -92,11 +93,14 @@ def compute_bytes(info: GGUFInfo, n_ctx: int, n_batch: int, flash_attn: bool) ->
 
 def estimate_memory(info: GGUFInfo, n_ctx: int, kv_cache_type: str = "q8_0", n_batch: int = 512,
                     n_seq_max: int = 1, flash_attn: bool = True, repack_rows: dict[str, int] | None = None,
-                    runtime_bytes: int = PYTHON_RUNTIME_BYTES + DAEMON_EXTRA_BYTES) -> MemoryEstimate:
+                    runtime_bytes: int = PYTHON_RUNTIME_BYTES + DAEMON_EXTRA_BYTES,
+                    mmap: bool = False) -> MemoryEstimate:
     """Resident bytes of serving ``info`` with this context; ``repack_rows`` defaults to this CPU's."""
     if kv_cache_type not in KV_BYTES_PER_ELEMENT:
         raise ValueError(f"kv_cache_type must be one of {', '.join(KV_BYTES_PER_ELEMENT)}, not {kv_cache_type!r}")
-    if repack_rows is None:
+    if not mmap:
+        repack_rows = {}  # read into buffers: a repacked weight is resident once, inside weights_bytes
+    elif repack_rows is None:
         from edge.model.cpu import repacked_types_for_this_cpu
         repack_rows = repacked_types_for_this_cpu()
     n_ubatch = min(n_batch, n_ctx)
@@ -250,7 +254,7 @@ def _fmt_budget(n: int) -> str:
 def plan_fit(info: GGUFInfo, budget_bytes: int, n_ctx: int, kv_cache_type: str = "q8_0", n_batch: int = 512,
              n_seq_max: int = 1, flash_attn: bool = True, headroom: float = 0.97,
              quants: tuple[str, ...] = ("q8_0", "q4_k_m"), repack_rows: dict[str, int] | None = None,
-             runtime_bytes: int = PYTHON_RUNTIME_BYTES + DAEMON_EXTRA_BYTES) -> FitPlan:
+             runtime_bytes: int = PYTHON_RUNTIME_BYTES + DAEMON_EXTRA_BYTES, mmap: bool = False) -> FitPlan:
     """Does ``info`` fit ``budget_bytes × headroom``? If not, name the largest configuration that does.
 
     ``headroom`` is the memory guard's hard fraction: a model that fits stays below the point where
@@ -260,7 +264,7 @@ def plan_fit(info: GGUFInfo, budget_bytes: int, n_ctx: int, kv_cache_type: str =
     larger KV cache type: n_ctx halves down to 512 only when no quant/cache type fits.
     """
     kw = dict(n_batch=n_batch, n_seq_max=n_seq_max, flash_attn=flash_attn, repack_rows=repack_rows,
-              runtime_bytes=runtime_bytes)
+              runtime_bytes=runtime_bytes, mmap=mmap)
     limit = int(budget_bytes * headroom)
     wanted = estimate_memory(info, n_ctx, kv_cache_type, **kw)
     label = info.file_type.upper()
