@@ -191,8 +191,8 @@ def test_repacked_weights_count_twice_only_when_mapped(f32):
         estimate_memory(q8, 2048, "q8_0", repack_rows=X86_AVX2).total_bytes
 
 
-def _settings(kv: str = "auto", **memory):
-    return load_settings(None, model={"kv_cache_type": kv, "n_ctx": 2048, "n_seq_max": 16}, memory=memory)
+def _settings(kv: str = "auto", flash_attn: bool = True):
+    return load_settings(None, model={"kv_cache_type": kv, "n_ctx": 2048, "n_seq_max": 16, "flash_attn": flash_attn})
 
 
 @pytest.mark.parametrize("quant, budget_mib, expected", [
@@ -208,6 +208,7 @@ def test_auto_kv_cache_type_takes_f16_only_under_the_soft_limit(f32, quant, budg
     assert plan_for(info, _settings(), budget).estimate.kv_cache_type == expected
     assert resolve_kv_cache_type(info, _settings("q8_0"), 64 * GIB) == "q8_0"   # an explicit choice stands
     assert resolve_kv_cache_type(info, _settings("f16"), budget) == "f16"
+    assert resolve_kv_cache_type(info, _settings(flash_attn=False), budget) == "f16"  # q8_0 V needs flash attention
 
 
 def test_engine_runs_the_resolved_kv_cache_type(tiny_gguf):
