@@ -38,6 +38,9 @@ class ModelSettings(BaseModel):
     quant: Literal["q4_k_m", "q8_0", "f32"] = Field("q4_k_m", description="Preferred file type in `dir`")
     n_ctx: int = Field(2048, ge=256, le=32768, description="Context size (tokens), shared by all sequences")
     n_batch: int = Field(512, ge=32, le=4096, description="Prompt tokens evaluated per llama.cpp call")
+    n_ubatch: int = Field(256, ge=32, le=4096, description="Tokens llama.cpp computes at once (capped at n_batch); "
+                                                            "sizes the compute buffer. 256 needs 12-20 MB less "
+                                                            "than 512 at the same prefill speed on CPU")
     n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = number of physical cores")
     kv_cache_type: Literal["auto", "f16", "q8_0"] = Field(
         "auto", description="KV cache type. auto: f16 (fastest attention on CPU) when the model stays under the "

@@ -28,6 +28,17 @@ def test_model_is_read_by_default_and_mapped_only_on_request(tiny_gguf):
     np.testing.assert_array_equal(logits[False], logits[True])
 
 
+def test_ubatch_reaches_llama_cpp_and_is_capped_at_the_batch(tiny_gguf):
+    import llama_cpp
+    for n_batch, n_ubatch, expected in ((128, 64, 64), (64, 128, 64)):
+        rt = LlamaRuntime(tiny_gguf, RuntimeConfig(n_ctx=256, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=1))
+        try:
+            assert (llama_cpp.llama_n_batch(rt.ctx), llama_cpp.llama_n_ubatch(rt.ctx)) == (n_batch, expected)
+            rt.decode([(0, rt.tokenize("hello world " * 30), 0)])  # more tokens than one ubatch
+        finally:
+            rt.close()
+
+
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "malloc_trim"), reason="needs glibc")
 def test_release_free_heap_gives_freed_c_heap_back():
     libc = ctypes.CDLL(None)

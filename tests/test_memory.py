@@ -107,6 +107,10 @@ def test_estimate_grows_with_context_and_batch(f32):
     assert estimate_memory(info, 4096, "q8_0", 512, repack_rows={}).total_bytes > small.total_bytes
     assert estimate_memory(info, 1024, "q8_0", 1024, repack_rows={}).total_bytes > small.total_bytes
     assert estimate_memory(info, 1024, "q8_0", 512, flash_attn=False, repack_rows={}).total_bytes > small.total_bytes
+    # the compute buffer follows the ubatch, which llama.cpp caps at the batch
+    half = estimate_memory(info, 1024, "q8_0", 512, repack_rows={}, n_ubatch=256)
+    assert half.compute_bytes < small.compute_bytes and half.kv_cache_bytes == small.kv_cache_bytes
+    assert estimate_memory(info, 1024, "q8_0", 512, repack_rows={}, n_ubatch=4096).compute_bytes == small.compute_bytes
     with pytest.raises(ValueError):
         estimate_memory(info, 1024, "q4_0", repack_rows={})
 

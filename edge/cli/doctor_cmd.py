@@ -75,9 +75,10 @@ def _model_entry(report: ModelFileReport, settings: Settings, budget: int, measu
         from edge.model.measure import MeasureError, measure_memory
         from edge.model.memory import PYTHON_RUNTIME_BYTES, estimate_memory
         bare = estimate_memory(report.info, m.n_ctx, kv, m.n_batch, m.n_seq_max, m.flash_attn,
-                               runtime_bytes=PYTHON_RUNTIME_BYTES, mmap=m.mmap)
+                               runtime_bytes=PYTHON_RUNTIME_BYTES, mmap=m.mmap, n_ubatch=m.n_ubatch)
         try:
-            got = measure_memory(report.path, m.n_ctx, kv, m.n_batch, m.n_seq_max, m.flash_attn, mmap=m.mmap)
+            got = measure_memory(report.path, m.n_ctx, kv, m.n_batch, m.n_seq_max, m.flash_attn, mmap=m.mmap,
+                                 n_ubatch=m.n_ubatch)
             error = (bare.total_bytes - got.rss_bytes) / got.rss_bytes
             entry["measured"] = {"rss_bytes": got.rss_bytes, "peak_rss_bytes": got.peak_rss_bytes,
                                  "estimate_bare_bytes": bare.total_bytes, "error": round(error, 4),

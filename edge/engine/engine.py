@@ -49,7 +49,8 @@ class Engine:
     def load(cls, model_path: Path | str, settings: Settings) -> "Engine":
         info = check_gguf(model_path)  # a hostile or broken file is refused here, before llama.cpp parses it
         m = settings.model
-        rt = LlamaRuntime(model_path, RuntimeConfig(n_ctx=m.n_ctx, n_batch=m.n_batch, n_threads=m.n_threads,
+        rt = LlamaRuntime(model_path, RuntimeConfig(n_ctx=m.n_ctx, n_batch=m.n_batch, n_ubatch=m.n_ubatch,
+                                                    n_threads=m.n_threads,
                                                     n_seq_max=m.n_seq_max,
                                                     kv_cache_type=resolve_kv_cache_type(info, settings),
                                                     flash_attn=m.flash_attn, mmap=m.mmap))

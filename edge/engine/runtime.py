@@ -49,6 +49,7 @@ class KVCacheFull(RuntimeError_):
 class RuntimeConfig:
     n_ctx: int = 2048
     n_batch: int = 512
+    n_ubatch: int = 256
     n_threads: int = 0
     n_seq_max: int = 16
     kv_cache_type: str = "q8_0"
@@ -99,7 +100,7 @@ class LlamaRuntime:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = config.n_ctx
         cparams.n_batch = config.n_batch
-        cparams.n_ubatch = config.n_batch
+        cparams.n_ubatch = min(config.n_ubatch, config.n_batch)
         cparams.n_seq_max = config.n_seq_max
         cparams.n_threads = threads
         cparams.n_threads_batch = threads

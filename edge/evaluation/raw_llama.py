@@ -1,7 +1,9 @@
 """The compute floor: bare llama.cpp calls on the engine's already loaded weights.
 
 A second llama.cpp context is created on the engine's model (the weights are shared, not copied)
-with llama.cpp's default context parameters except n_ctx, n_batch, the thread count and, unless
+with llama.cpp's default context parameters except n_ctx, n_batch (also as the ubatch, llama.cpp's
+default 512, even where the engine computes 256-token ubatches to save memory: the floor keeps the
+larger one), the thread count and, unless
 `engine_kv=False`, the KV cache type and flash attention, which match the engine's (the KV type is
 a memory choice of the configuration, so the floor is computed for the same one; the benchmark also
 reports the floor with llama.cpp's default f16 cache). Definitions used by the benchmark:

@@ -52,10 +52,10 @@ class MeasureError(RuntimeError):
 
 def measure_memory(model: Path | str, n_ctx: int = 2048, kv_cache_type: str = "q8_0", n_batch: int = 512,
                    n_seq_max: int = 1, flash_attn: bool = True, timeout_s: float = 900.0,
-                   python: str = sys.executable, mmap: bool = False) -> MeasuredMemory:
+                   python: str = sys.executable, mmap: bool = False, n_ubatch: int | None = None) -> MeasuredMemory:
     """Load ``model`` in a child process, fill ``n_ctx`` tokens, return its memory figures."""
     cmd = [python, "-m", "edge.model.measure", str(model), "--n-ctx", str(n_ctx), "--kv", kv_cache_type,
-           "--n-batch", str(n_batch), "--n-seq-max", str(n_seq_max)]
+           "--n-batch", str(n_batch), "--n-ubatch", str(n_ubatch or n_batch), "--n-seq-max", str(n_seq_max)]
     cmd += ([] if flash_attn else ["--no-flash-attn"]) + (["--mmap"] if mmap else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -78,8 +78,8 @@ def parse_buffer_sizes(llama_log: str) -> dict[str, float]:
     return sizes
 
 
-def _fill_context(model_path: str, n_ctx: int, kv: str, n_batch: int, n_seq_max: int, flash_attn: bool,
-                  mmap: bool) -> int:
+def _fill_context(model_path: str, n_ctx: int, kv: str, n_batch: int, n_ubatch: int, n_seq_max: int,
+                  flash_attn: bool, mmap: bool) -> int:
     import llama_cpp  # only in the child: a crash here must not take the caller down
 
     from edge.engine.runtime import load_mode, release_free_heap  # routes llama.cpp's log to logging
@@ -95,7 +95,7 @@ def _fill_context(model_path: str, n_ctx: int, kv: str, n_batch: int, n_seq_max:
         raise SystemExit(f"llama.cpp could not load {model_path}")
     kv_type = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[kv]
     cp = llama_cpp.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, n_seq_max
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, min(n_ubatch, n_batch), n_seq_max
     cp.kv_unified = True
     cp.type_k = cp.type_v = kv_type
     cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
@@ -144,6 +144,7 @@ def _child(argv: list[str]) -> None:
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--kv", choices=("f16", "q8_0"), default="q8_0")
     ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--n-ubatch", type=int, default=512)
     ap.add_argument("--n-seq-max", type=int, default=1)
     ap.add_argument("--no-flash-attn", action="store_true")
     ap.add_argument("--mmap", action="store_true")
@@ -152,8 +153,8 @@ def _child(argv: list[str]) -> None:
     import llama_cpp  # noqa: F401  (the baseline includes the library, as in the daemon)
     baseline = proc.memory_info().rss
     start = time.monotonic()
-    n = _fill_context(args.model, args.n_ctx, args.kv, args.n_batch, args.n_seq_max, not args.no_flash_attn,
-                      args.mmap)
+    n = _fill_context(args.model, args.n_ctx, args.kv, args.n_batch, args.n_ubatch, args.n_seq_max,
+                      not args.no_flash_attn, args.mmap)
     try:
         uss = proc.memory_full_info().uss
     except (psutil.AccessDenied, AttributeError):

@@ -94,8 +94,10 @@ def compute_bytes(info: GGUFInfo, n_ctx: int, n_batch: int, flash_attn: bool) ->
 def estimate_memory(info: GGUFInfo, n_ctx: int, kv_cache_type: str = "q8_0", n_batch: int = 512,
                     n_seq_max: int = 1, flash_attn: bool = True, repack_rows: dict[str, int] | None = None,
                     runtime_bytes: int = PYTHON_RUNTIME_BYTES + DAEMON_EXTRA_BYTES,
-                    mmap: bool = False) -> MemoryEstimate:
-    """Resident bytes of serving ``info`` with this context; ``repack_rows`` defaults to this CPU's."""
+                    mmap: bool = False, n_ubatch: int | None = None) -> MemoryEstimate:
+    """Resident bytes of serving ``info`` with this context; ``repack_rows`` defaults to this CPU's.
+
+    ``n_ubatch`` (default: ``n_batch``) is what sizes the compute buffer; llama.cpp caps it at n_batch."""
     if kv_cache_type not in KV_BYTES_PER_ELEMENT:
         raise ValueError(f"kv_cache_type must be one of {', '.join(KV_BYTES_PER_ELEMENT)}, not {kv_cache_type!r}")
     if not mmap:
@@ -103,7 +105,7 @@ def estimate_memory(info: GGUFInfo, n_ctx: int, kv_cache_type: str = "q8_0", n_b
     elif repack_rows is None:
         from edge.model.cpu import repacked_types_for_this_cpu
         repack_rows = repacked_types_for_this_cpu()
-    n_ubatch = min(n_batch, n_ctx)
+    n_ubatch = min(n_ubatch or n_batch, n_batch, n_ctx)
     return MemoryEstimate(
         file_type=info.file_type, n_ctx=n_ctx, kv_cache_type=kv_cache_type,
         weights_bytes=info.size_bytes - info.data_offset,
@@ -254,7 +256,8 @@ def _fmt_budget(n: int) -> str:
 def plan_fit(info: GGUFInfo, budget_bytes: int, n_ctx: int, kv_cache_type: str = "q8_0", n_batch: int = 512,
              n_seq_max: int = 1, flash_attn: bool = True, headroom: float = 0.97,
              quants: tuple[str, ...] = ("q8_0", "q4_k_m"), repack_rows: dict[str, int] | None = None,
-             runtime_bytes: int = PYTHON_RUNTIME_BYTES + DAEMON_EXTRA_BYTES, mmap: bool = False) -> FitPlan:
+             runtime_bytes: int = PYTHON_RUNTIME_BYTES + DAEMON_EXTRA_BYTES, mmap: bool = False,
+             n_ubatch: int | None = None) -> FitPlan:
     """Does ``info`` fit ``budget_bytes × headroom``? If not, name the largest configuration that does.
 
     ``headroom`` is the memory guard's hard fraction: a model that fits stays below the point where
@@ -264,7 +267,7 @@ def plan_fit(info: GGUFInfo, budget_bytes: int, n_ctx: int, kv_cache_type: str =
     larger KV cache type: n_ctx halves down to 512 only when no quant/cache type fits.
     """
     kw = dict(n_batch=n_batch, n_seq_max=n_seq_max, flash_attn=flash_attn, repack_rows=repack_rows,
-              runtime_bytes=runtime_bytes, mmap=mmap)
+              runtime_bytes=runtime_bytes, mmap=mmap, n_ubatch=n_ubatch)
     limit = int(budget_bytes * headroom)
     wanted = estimate_memory(info, n_ctx, kv_cache_type, **kw)
     label = info.file_type.upper()

@@ -34,7 +34,8 @@ def resolve_kv_cache_type(info: GGUFInfo, settings: Settings, budget_bytes: int 
     if not m.flash_attn:
         return "f16"  # llama.cpp quantizes the V cache only with flash attention
     budget = budget_bytes if budget_bytes is not None else effective_budget_bytes(settings.memory.budget_mb)
-    f16 = estimate_memory(info, m.n_ctx, "f16", m.n_batch, m.n_seq_max, m.flash_attn, mmap=m.mmap)
+    f16 = estimate_memory(info, m.n_ctx, "f16", m.n_batch, m.n_seq_max, m.flash_attn, mmap=m.mmap,
+                          n_ubatch=m.n_ubatch)
     return "f16" if f16.total_bytes <= budget * settings.memory.soft_fraction else "q8_0"
 
 
@@ -42,7 +43,8 @@ def plan_for(info: GGUFInfo, settings: Settings, budget_bytes: int) -> FitPlan:
     """`plan_fit` with the model settings (KV cache type resolved)."""
     m = settings.model
     return plan_fit(info, budget_bytes, m.n_ctx, resolve_kv_cache_type(info, settings, budget_bytes), m.n_batch,
-                    m.n_seq_max, m.flash_attn, headroom=settings.memory.hard_fraction, mmap=m.mmap)
+                    m.n_seq_max, m.flash_attn, headroom=settings.memory.hard_fraction, mmap=m.mmap,
+                    n_ubatch=m.n_ubatch)
 
 
 def preflight(path: Path | str, settings: Settings, budget_bytes: int | None = None) -> tuple[GGUFInfo, FitPlan]:
