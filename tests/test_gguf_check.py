@@ -50,6 +50,17 @@ def test_valid_file_reports_shapes(tiny):
     assert info.tied_embeddings
 
 
+@pytest.mark.parametrize("kw, message", [
+    ({"layers": N_LAYER - 1}, f"block_count is {N_LAYER} but 1 of its layers have no tensors .the first is layer 1"),
+    ({"layers": N_LAYER + 1}, f"block_count is {N_LAYER} but there are tensors for layer {N_LAYER}"),
+    ({"embd_rows": N_VOCAB - 1}, f"token_embd.weight is \\[{N_EMBD}, {N_VOCAB - 1}\\], expected \\[{N_EMBD}, {N_VOCAB}\\]"),
+])
+def test_tensors_must_match_block_count_and_vocabulary(tmp_path, kw, message):
+    path = write_tiny_gguf(tmp_path / "mismatch.gguf", **kw)
+    with pytest.raises(ModelFileError, match=message):
+        check_gguf(path)
+
+
 @pytest.mark.realmodel
 def test_standin_checks(standin_gguf):
     info = check_gguf(standin_gguf)

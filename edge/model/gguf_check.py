@@ -327,7 +327,7 @@ def _build_info(cur: _Cursor, version: int, meta: dict[str, Any], tensors: list[
             count *= d
         n_params += count
     kept = {k: (v.count if isinstance(v, _ArrayCount) else v) for k, v in meta.items()}
-    return GGUFInfo(
+    info = GGUFInfo(
         path=cur.path, size_bytes=cur.size, version=version, arch=arch, file_type=_file_type_name(meta),
         n_params=n_params, n_tensors=len(tensors), n_vocab=n_vocab,
         n_ff=_optional_int(cur, meta, f"{arch}.feed_forward_length", 4 * dims["n_embd"]),
@@ -336,6 +336,32 @@ def _build_info(cur: _Cursor, version: int, meta: dict[str, Any], tensors: list[
         data_offset=data_offset, alignment=alignment, tensor_bytes_by_type=by_type,
         tensors=tuple(tensors), metadata=kept, **dims,
     )
+    _check_tensors_match_metadata(cur, info)
+    return info
+
+
+def _check_tensors_match_metadata(cur: _Cursor, info: GGUFInfo) -> None:
+    """The tensor list must agree with block_count and the vocabulary: llama.cpp would otherwise
+    refuse the file with a bare "failed to load model" (or, for a short token_embd, read past it)."""
+    embd = next((t for t in info.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise cur.fail("missing tensor token_embd.weight")
+    if embd.shape[:2] != (info.n_embd, info.n_vocab):
+        raise cur.fail(f"corrupt: token_embd.weight is {list(embd.shape)}, expected "
+                       f"[{info.n_embd}, {info.n_vocab}] (embedding_length, tokens in the vocabulary)")
+    layers = set()
+    for t in info.tensors:
+        head, _, rest = t.name.partition(".")
+        index = rest.partition(".")[0]
+        if head == "blk" and index.isdigit():
+            layers.add(int(index))
+    if layers - set(range(info.n_layer)):
+        raise cur.fail(f"corrupt: block_count is {info.n_layer} but there are tensors for layer "
+                       f"{max(layers)} (layers 0..{max(layers)} in the file)")
+    missing = sorted(set(range(info.n_layer)) - layers)
+    if missing:
+        raise cur.fail(f"corrupt: block_count is {info.n_layer} but {len(missing)} of its layers have no "
+                       f"tensors (the first is layer {missing[0]})")
 
 
 def check_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
