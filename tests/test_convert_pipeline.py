@@ -80,8 +80,9 @@ def test_temporaries_of_a_killed_run_are_removed(tiny_hf_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / ".t-f32.gguf.tmp-99999").write_bytes(b"GGUF half written")
+    (out / ".manifest.json.tmp-99999").write_text('{"files": [')
     run_conversion(ConvertRequest(out_dir=out, from_dir=tiny_hf_dir, name="t", types=("f32",)))
-    assert gguf_like(out) == ["t-f32.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "t-f32.gguf"]
 
 
 def _break_arch(d: Path) -> None:

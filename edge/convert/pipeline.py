@@ -19,7 +19,7 @@ import llama_cpp
 from edge.convert import hf_source
 from edge.convert.errors import ConversionError
 from edge.convert.gguf_writer import write_f32_gguf
-from edge.convert.manifest import Manifest, OutputEntry, sha256_of
+from edge.convert.manifest import MANIFEST_NAME, Manifest, OutputEntry, sha256_of
 from edge.convert.quantize import QUANT_FTYPES, quantize_gguf
 from edge.convert.safetensors_reader import SafetensorsCheckpoint
 from edge.convert.tensor_names import Hyperparams, read_hyperparams, tensor_plan
@@ -98,9 +98,11 @@ def _temporary(out_dir: Path, final_name: str) -> Iterator[Path]:
 
 
 def _remove_stale_temporaries(out_dir: Path, name: str) -> None:
-    for stale in out_dir.glob(f".{name}-*.gguf.tmp-*"):
-        logger.info("removing %s left by an interrupted run", stale)
-        stale.unlink(missing_ok=True)
+    # a run killed while writing a model or the manifest leaves its temporary (never the final name)
+    for pattern in (f".{name}-*.gguf.tmp-*", f".{MANIFEST_NAME}.tmp-*"):
+        for stale in out_dir.glob(pattern):
+            logger.info("removing %s left by an interrupted run", stale)
+            stale.unlink(missing_ok=True)
 
 
 def _finish(tmp: Path, final: Path, out_type: str, source_key: str, ci: CheckedInput) -> OutputEntry:
