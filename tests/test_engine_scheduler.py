@@ -97,3 +97,35 @@ def test_many_concurrent_clients(scheduler):
     while scheduler.active_chats and time.monotonic() < deadline:
         time.sleep(0.05)
     assert scheduler.active_chats == 0
+
+
+
+@pytest.mark.timeout(60)
+def test_a_waiting_stream_holds_no_worker_thread_and_wakes_per_piece(monkeypatch):
+    """ChatStream waits on the event loop and the engine thread wakes it per piece: no thread of
+    the pool is parked per open stream (128 clients would exhaust it), and with the client check
+    an hour apart the pieces still arrive as they are emitted."""
+    import asyncio
+
+    import anyio
+
+    from edge.api import serving
+    from edge.engine.scheduler import ChatHandle
+    monkeypatch.setattr(serving, "POLL_S", 3600.0)
+    handle = ChatHandle([ChatMessage("user", "hi")], SamplingParams(), None)
+
+    def engine_thread() -> None:
+        for piece in ("Hel", "lo", "!"):
+            time.sleep(0.05)
+            handle._emit(piece)
+        handle._emit(ChatHandle.END)
+
+    async def main() -> tuple[str, float]:
+        task = asyncio.create_task(serving.ChatStream(handle).text())
+        await asyncio.sleep(0.02)
+        borrowed = anyio.to_thread.current_default_thread_limiter().borrowed_tokens
+        threading.Thread(target=engine_thread).start()
+        return await task, borrowed
+
+    text, borrowed = asyncio.run(main())
+    assert (text, borrowed) == ("Hello!", 0)

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Protocol
 
-import anyio
-
 from edge.engine.runtime import release_free_heap
 from edge.engine.scheduler import ChatHandle, Scheduler
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams, SentimentResult
@@ -181,6 +179,7 @@ class ChatStream:
         self.on_end = on_end
         self._first: list[object] = []
         self._checked = time.monotonic()
+        self._ready: asyncio.Event | None = None
 
     @property
     def stats(self) -> ChatStats:
@@ -192,12 +191,33 @@ class ChatStream:
             self.handle.cancel()
             raise ClientGone()
 
-    async def _next(self) -> object:
-        while True:
+    def _listen(self) -> asyncio.Event:
+        # The engine thread wakes this loop once per piece. (Waiting in a worker thread per piece
+        # cost two extra thread handoffs per token, CPU that llama.cpp's threads lacked on 2 cores.)
+        ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:
             try:
-                item = await anyio.to_thread.run_sync(self.handle.get, POLL_S)
-            except queue.Empty:  # nothing yet
-                await self._check_client()
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop has closed (shutdown): nobody is waiting any more
+                pass
+
+        self.handle.listen(wake)
+        return ready
+
+    async def _next(self) -> object:
+        if self._ready is None:
+            self._ready = self._listen()
+        while True:
+            self._ready.clear()  # before looking, so a piece put after the look still wakes us
+            try:
+                item = self.handle.get(block=False)
+            except queue.Empty:
+                try:
+                    await asyncio.wait_for(self._ready.wait(), POLL_S)
+                except asyncio.TimeoutError:  # nothing yet
+                    await self._check_client()
                 continue
             if time.monotonic() - self._checked > POLL_S:  # pieces flowing: still look now and then
                 await self._check_client()

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -48,6 +48,22 @@ class ChatHandle:
     _events: queue.Queue = field(default_factory=queue.Queue)
     _cancel: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    _listener: Callable[[], None] | None = None
+
+    def listen(self, wake: Callable[[], None]) -> None:
+        """Call `wake()` (from the engine thread) after each new event, so an event loop can wait
+        for pieces without a thread blocked in `get` per stream."""
+        self._listener = wake
+        if not self._events.empty():
+            wake()
+
+    def _emit(self, item: object) -> None:
+        self._events.put(item)
+        if self._listener is not None:
+            try:
+                self._listener()
+            except Exception:  # a listener must never take the engine thread down
+                log.exception("chat listener failed")
 
     def cancel(self) -> None:
         """Stop generating (client went away); the slot is freed at the next step."""
@@ -57,9 +73,10 @@ class ChatHandle:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
-    def get(self, timeout: float | None = None) -> object:
-        """Next piece (str), or the end marker `ChatHandle.END`; raises the job's error."""
-        item = self._events.get(timeout=timeout)
+    def get(self, timeout: float | None = None, block: bool = True) -> object:
+        """Next piece (str), or the end marker `ChatHandle.END`; raises the job's error, or
+        queue.Empty when nothing came (in time, or at once with block=False)."""
+        item = self._events.get(block=block, timeout=timeout)
         if isinstance(item, BaseException):
             raise item
         return item
@@ -179,7 +196,7 @@ class Scheduler:
             self._housekeeping()
         for h, gen in self._active:  # not drained in time: end the streams cleanly
             gen.close()
-            h._events.put(_DONE)
+            h._emit(_DONE)
 
     def _housekeeping(self) -> None:
         if self.on_idle_step is not None:
@@ -209,7 +226,7 @@ class Scheduler:
                 handle = self._pending_chats.popleft()
             if handle.cancelled:
                 handle.stats.finish_reason = "cancelled"
-                handle._events.put(_DONE)
+                handle._emit(_DONE)
                 continue
             self._active.append((handle, self.engine.chat_stream(handle.messages, handle.params, handle.stats)))
 
@@ -225,13 +242,13 @@ class Scheduler:
                 with self.engine.lock:
                     piece = next(gen)
                 if piece:
-                    handle._events.put(piece)
+                    handle._emit(piece)
             except StopIteration:
                 self._active.remove((handle, gen))
-                handle._events.put(_DONE)
+                handle._emit(_DONE)
             except Exception as exc:
                 log.warning("chat failed: %s", exc)
                 self._active.remove((handle, gen))
                 handle.error = exc
                 handle.stats.finish_reason = "error"
-                handle._events.put(exc)
+                handle._emit(exc)
