@@ -99,7 +99,6 @@ def test_many_concurrent_clients(scheduler):
     assert scheduler.active_chats == 0
 
 
-
 @pytest.mark.timeout(60)
 def test_a_waiting_stream_holds_no_worker_thread_and_wakes_per_piece(monkeypatch):
     """ChatStream waits on the event loop and the engine thread wakes it per piece: no thread of
@@ -120,7 +119,7 @@ def test_a_waiting_stream_holds_no_worker_thread_and_wakes_per_piece(monkeypatch
             handle._emit(piece)
         handle._emit(ChatHandle.END)
 
-    async def main() -> tuple[str, float]:
+    async def main() -> tuple[str, int]:
         task = asyncio.create_task(serving.ChatStream(handle).text())
         await asyncio.sleep(0.02)
         borrowed = anyio.to_thread.current_default_thread_limiter().borrowed_tokens
