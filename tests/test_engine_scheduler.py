@@ -102,7 +102,7 @@ def test_many_concurrent_clients(scheduler):
 @pytest.mark.timeout(60)
 def test_a_waiting_stream_holds_no_worker_thread_and_wakes_per_piece(monkeypatch):
     """ChatStream waits on the event loop and the engine thread wakes it per piece: no thread of
-    the pool is parked per open stream (128 clients would exhaust it), and with the client check
+    the pool is parked per open stream (the pool has 40, shared), and with the client check
     an hour apart the pieces still arrive as they are emitted."""
     import asyncio
 

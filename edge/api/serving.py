@@ -192,8 +192,8 @@ class ChatStream:
             raise ClientGone()
 
     def _listen(self) -> asyncio.Event:
-        # The engine thread wakes this loop once per piece. (Waiting in a worker thread per piece
-        # cost two extra thread handoffs per token, CPU that llama.cpp's threads lacked on 2 cores.)
+        # The engine thread wakes this loop once per piece, so an open stream holds no thread
+        # (waiting in anyio's worker pool parked one per stream, from 40 shared with other calls).
         ready = asyncio.Event()
         loop = asyncio.get_running_loop()
 
