@@ -18,7 +18,7 @@ from edge.model import cpu as cpu_mod
 from edge.model.gguf_check import ModelFileError, check_gguf
 from edge.model.inventory import ModelFileReport, inspect_model_dir
 from edge.model.memory import cgroup_chain_limit, effective_budget_bytes
-from edge.model.preflight import plan_for
+from edge.model.preflight import context_options, plan_for
 from edge.settings import Settings, SettingsError, load_settings
 
 MIB = 1 << 20
@@ -74,11 +74,9 @@ def _model_entry(report: ModelFileReport, settings: Settings, budget: int, measu
     if measure:
         from edge.model.measure import MeasureError, measure_memory
         from edge.model.memory import PYTHON_RUNTIME_BYTES, estimate_memory
-        bare = estimate_memory(report.info, m.n_ctx, kv, m.n_batch, m.n_seq_max, m.flash_attn,
-                               runtime_bytes=PYTHON_RUNTIME_BYTES, mmap=m.mmap, n_ubatch=m.n_ubatch)
+        bare = estimate_memory(report.info, m.n_ctx, kv, runtime_bytes=PYTHON_RUNTIME_BYTES, **context_options(m))
         try:
-            got = measure_memory(report.path, m.n_ctx, kv, m.n_batch, m.n_seq_max, m.flash_attn, mmap=m.mmap,
-                                 n_ubatch=m.n_ubatch)
+            got = measure_memory(report.path, m.n_ctx, kv, **context_options(m))
             error = (bare.total_bytes - got.rss_bytes) / got.rss_bytes
             entry["measured"] = {"rss_bytes": got.rss_bytes, "peak_rss_bytes": got.peak_rss_bytes,
                                  "estimate_bare_bytes": bare.total_bytes, "error": round(error, 4),

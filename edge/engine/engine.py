@@ -21,7 +21,7 @@ from edge.engine.runtime import KVCacheFull, LlamaRuntime, RuntimeConfig
 from edge.engine.sentiment import SentimentClassifier
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams, SentimentResult
 from edge.model.gguf_check import check_gguf
-from edge.model.preflight import resolve_kv_cache_type
+from edge.model.preflight import context_options, resolve_kv_cache_type
 from edge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,9 @@ class Engine:
     def load(cls, model_path: Path | str, settings: Settings) -> "Engine":
         info = check_gguf(model_path)  # a hostile or broken file is refused here, before llama.cpp parses it
         m = settings.model
-        rt = LlamaRuntime(model_path, RuntimeConfig(n_ctx=m.n_ctx, n_batch=m.n_batch, n_ubatch=m.n_ubatch,
-                                                    n_threads=m.n_threads,
-                                                    n_seq_max=m.n_seq_max,
+        rt = LlamaRuntime(model_path, RuntimeConfig(n_ctx=m.n_ctx, n_threads=m.n_threads,
                                                     kv_cache_type=resolve_kv_cache_type(info, settings),
-                                                    flash_attn=m.flash_attn, mmap=m.mmap))
+                                                    **context_options(m)))
         try:
             return cls(rt, settings)
         except Exception:

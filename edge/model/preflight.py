@@ -6,7 +6,7 @@ from pathlib import Path
 
 from edge.model.gguf_check import GGUFInfo, ModelFileError, check_gguf
 from edge.model.memory import FitPlan, effective_budget_bytes, estimate_memory, plan_fit
-from edge.settings import Settings
+from edge.settings import ModelSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +17,14 @@ class ModelDoesNotFit(ModelFileError):
     def __init__(self, plan: FitPlan) -> None:
         super().__init__(plan.message)
         self.plan = plan
+
+
+def context_options(m: ModelSettings) -> dict:
+    """The model settings that shape llama.cpp's context and so its memory, by the keyword names
+    `estimate_memory`, `plan_fit`, `measure_memory` and `RuntimeConfig` all share: one place to
+    add a new one."""
+    return {"n_batch": m.n_batch, "n_ubatch": m.n_ubatch, "n_seq_max": m.n_seq_max, "flash_attn": m.flash_attn,
+            "mmap": m.mmap}
 
 
 def resolve_kv_cache_type(info: GGUFInfo, settings: Settings, budget_bytes: int | None = None) -> str:
@@ -34,17 +42,15 @@ def resolve_kv_cache_type(info: GGUFInfo, settings: Settings, budget_bytes: int 
     if not m.flash_attn:
         return "f16"  # llama.cpp quantizes the V cache only with flash attention
     budget = budget_bytes if budget_bytes is not None else effective_budget_bytes(settings.memory.budget_mb)
-    f16 = estimate_memory(info, m.n_ctx, "f16", m.n_batch, m.n_seq_max, m.flash_attn, mmap=m.mmap,
-                          n_ubatch=m.n_ubatch)
+    f16 = estimate_memory(info, m.n_ctx, "f16", **context_options(m))
     return "f16" if f16.total_bytes <= budget * settings.memory.soft_fraction else "q8_0"
 
 
 def plan_for(info: GGUFInfo, settings: Settings, budget_bytes: int) -> FitPlan:
     """`plan_fit` with the model settings (KV cache type resolved)."""
     m = settings.model
-    return plan_fit(info, budget_bytes, m.n_ctx, resolve_kv_cache_type(info, settings, budget_bytes), m.n_batch,
-                    m.n_seq_max, m.flash_attn, headroom=settings.memory.hard_fraction, mmap=m.mmap,
-                    n_ubatch=m.n_ubatch)
+    return plan_fit(info, budget_bytes, m.n_ctx, resolve_kv_cache_type(info, settings, budget_bytes),
+                    headroom=settings.memory.hard_fraction, **context_options(m))
 
 
 def preflight(path: Path | str, settings: Settings, budget_bytes: int | None = None) -> tuple[GGUFInfo, FitPlan]:
