@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 DEFAULT_REPO = "Qwen/Qwen1.5-0.5B-Chat"
@@ -30,6 +30,10 @@ def _default_prompts_dir() -> Path:
     return PROJECT_ROOT / "prompts"
 
 
+_AUTO_OR_BOOL: dict[str, object] = {"auto": "auto", "true": True, "1": True, "yes": True, "on": True,
+                                     "false": False, "0": False, "no": False, "off": False}
+
+
 class ModelSettings(BaseModel):
     path: Path | None = Field(None, description="GGUF file to serve; empty: the best fitting file in `dir`")
     dir: Path = Field(default_factory=lambda: _state_dir() / "models", description="Folder of converted GGUF files")
@@ -46,9 +50,21 @@ class ModelSettings(BaseModel):
         "auto", description="KV cache type. auto: f16 (fastest attention on CPU) when the model stays under the "
                             "memory soft limit with it, else q8_0 (half the KV memory)")
     flash_attn: bool = Field(True, description="Flash attention (needed for a quantized V cache)")
-    mmap: bool = Field(False, description="Map the model file instead of reading it; off keeps weights that "
-                                          "llama.cpp repacks from also staying resident as file pages")
+    mmap: Literal["auto"] | bool = Field(
+        "auto", description="Map the model file instead of reading it. Mapped, an untied token embedding is "
+                            "resident only in the rows texts use, but pages of weights llama.cpp repacks can stay "
+                            "resident too; auto maps when the embedding outweighs the repacked weights")
     n_seq_max: int = Field(16, ge=8, le=64, description="KV sequences: 2 sentiment prefixes + chat prefix + 4 sentiment work + chat slots")
+
+    @field_validator("mmap", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: object) -> object:
+        # one clear message instead of one per member of the union
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _AUTO_OR_BOOL:
+            return _AUTO_OR_BOOL[value.strip().lower()]
+        raise ValueError(f"must be auto, true or false, not {value!r}")
 
 
 class PromptSettings(BaseModel):

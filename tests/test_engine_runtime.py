@@ -11,21 +11,43 @@ import pytest
 from edge.engine.runtime import LlamaRuntime, RuntimeConfig, release_free_heap
 
 
-def _mapped(path: Path) -> bool:
-    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+def _resident_in_mappings(path: Path) -> int | None:
+    """Resident bytes of this process's mappings of `path` (None: not mapped)."""
+    real, total, inside = str(path.resolve()), None, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = line.endswith(real)
+        elif inside and head[0] == "Rss:":
+            total = (total or 0) + int(head[1]) * 1024
+    return total
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
-def test_model_is_read_by_default_and_mapped_only_on_request(tiny_gguf):
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_a_mapped_model_has_its_pages_dropped_after_loading(tiny_gguf, tmp_path):
+    import shutil
+    tiny_gguf = shutil.copy(tiny_gguf, tmp_path / "own.gguf")  # a file no other engine here has mapped
+    size = Path(tiny_gguf).stat().st_size
+    assert size > 1 << 20  # enough pages for the check below to mean something
     logits = {}
     for mmap in (False, True):
         rt = LlamaRuntime(tiny_gguf, RuntimeConfig(n_ctx=256, n_batch=64, n_seq_max=1, mmap=mmap))
         try:
-            assert _mapped(Path(tiny_gguf)) is mmap
-            logits[mmap] = rt.decode([(0, rt.tokenize("hello world"), 0)])[0]
+            resident = _resident_in_mappings(Path(tiny_gguf))
+            if mmap:
+                # llama.cpp maps with MAP_POPULATE: without the drop all `size` bytes are resident
+                assert resident is not None and resident < size // 4
+            else:
+                assert resident is None
+            # dropped pages come back from the file: the same logits either way, twice over
+            logits[mmap] = []
+            for _ in range(2):
+                rt.seq_rm(0)
+                logits[mmap].append(rt.decode([(0, rt.tokenize("hello world"), 0)])[0])
         finally:
             rt.close()
-    np.testing.assert_array_equal(logits[False], logits[True])
+    for a, b in zip(logits[False], logits[True]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_ubatch_reaches_llama_cpp_and_is_capped_at_the_batch(tiny_gguf):
@@ -56,3 +78,48 @@ def test_release_free_heap_gives_freed_c_heap_back():
     freed = before - proc.memory_info().rss
     libc.free(keep)
     assert freed > 50 * (1 << 20), f"only {freed / (1 << 20):.0f} MiB returned"
+
+
+_HEAP_SCRIPT = """
+import ctypes, sys, psutil
+from edge.engine.runtime import keep_heap_small
+if sys.argv[1] == "fixed":
+    assert keep_heap_small()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.free(libc.malloc(24 << 20))      # glibc would now raise its mmap threshold to 24 MiB
+blocks = [libc.malloc(1 << 20) for _ in range(32)]
+for b in blocks:
+    ctypes.memset(b, 1, 1 << 20)
+rss = psutil.Process().memory_info().rss
+for b in blocks:
+    libc.free(b)
+print((rss - psutil.Process().memory_info().rss) >> 20)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="needs glibc")
+def test_keep_heap_small_stops_freed_megabyte_blocks_staying_resident():
+    import subprocess
+    import sys
+
+    def returned_mib(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+    assert returned_mib("fixed") >= 28   # 32 MiB freed, all of it given back
+    assert returned_mib("default") <= 8  # the behaviour keep_heap_small exists to stop
+
+
+def test_decode_one_gives_the_logits_decode_copies_across_batch_chunks(tiny_gguf):
+    rt = LlamaRuntime(tiny_gguf, RuntimeConfig(n_ctx=512, n_batch=64, n_seq_max=2))
+    try:
+        tokens = rt.tokenize("the quick brown fox " * 10)
+        assert len(tokens) > 2 * rt.n_batch
+        copied = rt.decode([(0, tokens, 0)])[0]
+        view = rt.decode_one(1, tokens, 0)
+        np.testing.assert_array_equal(view, copied)
+        with pytest.raises(ValueError):
+            rt.decode_one(1, [], len(tokens))
+    finally:
+        rt.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from edge.model.gguf_check import GGUFInfo, TensorEntry, check_gguf
 from edge.model.memory import (PYTHON_RUNTIME_BYTES, cgroup_limit_bytes, effective_budget_bytes,
                                estimate_memory, kv_cache_bytes, plan_fit, repacked_bytes, retype_info)
 from edge.model.preflight import ModelDoesNotFit, preflight
-from edge.settings import load_settings
+from edge.settings import SettingsError, load_settings
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -231,3 +232,21 @@ def test_engine_runs_the_resolved_kv_cache_type(tiny_gguf):
         assert tight.classify("great").label in ("positive", "negative")
     finally:
         tight.close()
+
+
+def test_auto_maps_the_file_only_when_the_untied_embedding_outweighs_the_repacked_weights(f32):
+    from edge.model.preflight import resolve_mmap
+    q4, q8 = retype_info(f32, "q4_k_m"), retype_info(f32, "q8_0")
+    auto = load_settings(None).model
+    assert auto.mmap == "auto"
+    assert resolve_mmap(q8, auto, X86_AVX2) is True                  # nothing repacked: mapping only saves
+    assert resolve_mmap(q4, auto, X86_AVX2) is False                 # 140 MiB repacked > 88 MB embedding
+    assert resolve_mmap(q4, auto, {}) is True                        # a CPU that repacks nothing
+    tied = replace(q8, tensors=tuple(t for t in q8.tensors if t.name != "output.weight"))
+    assert tied.tied_embeddings and resolve_mmap(tied, auto, X86_AVX2) is False  # every row is used
+    for forced in (True, False):
+        assert resolve_mmap(q4, load_settings(None, model={"mmap": forced}).model, X86_AVX2) is forced
+    # the setting also takes the environment's spelling
+    assert load_settings(None, model={"mmap": "false"}).model.mmap is False
+    with pytest.raises(SettingsError, match="must be auto, true or false"):
+        load_settings(None, model={"mmap": "sometimes"})

@@ -74,9 +74,10 @@ def _model_entry(report: ModelFileReport, settings: Settings, budget: int, measu
     if measure:
         from edge.model.measure import MeasureError, measure_memory
         from edge.model.memory import PYTHON_RUNTIME_BYTES, estimate_memory
-        bare = estimate_memory(report.info, m.n_ctx, kv, runtime_bytes=PYTHON_RUNTIME_BYTES, **context_options(m))
+        bare = estimate_memory(report.info, m.n_ctx, kv, runtime_bytes=PYTHON_RUNTIME_BYTES,
+                               **context_options(m, report.info))
         try:
-            got = measure_memory(report.path, m.n_ctx, kv, **context_options(m))
+            got = measure_memory(report.path, m.n_ctx, kv, **context_options(m, report.info))
             error = (bare.total_bytes - got.rss_bytes) / got.rss_bytes
             entry["measured"] = {"rss_bytes": got.rss_bytes, "peak_rss_bytes": got.peak_rss_bytes,
                                  "estimate_bare_bytes": bare.total_bytes, "error": round(error, 4),

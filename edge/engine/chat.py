@@ -149,7 +149,7 @@ class ChatEngine:
     def _decode(self, slot: Slot, tokens: list[int], pos: int) -> np.ndarray:
         while True:
             try:
-                return self.rt.decode([(slot.seq, tokens, pos)])[slot.seq]
+                return self.rt.decode_one(slot.seq, tokens, pos)
             except KVCacheFull:
                 if not self._evict_one(slot):
                     raise

@@ -51,7 +51,7 @@ class Engine:
         m = settings.model
         rt = LlamaRuntime(model_path, RuntimeConfig(n_ctx=m.n_ctx, n_threads=m.n_threads,
                                                     kv_cache_type=resolve_kv_cache_type(info, settings),
-                                                    **context_options(m)))
+                                                    **context_options(m, info)))
         try:
             return cls(rt, settings)
         except Exception:

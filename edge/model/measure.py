@@ -82,17 +82,20 @@ def _fill_context(model_path: str, n_ctx: int, kv: str, n_batch: int, n_ubatch: 
                   flash_attn: bool, mmap: bool) -> int:
     import llama_cpp  # only in the child: a crash here must not take the caller down
 
-    from edge.engine.runtime import load_mode, release_free_heap  # routes llama.cpp's log to logging
+    from edge.engine.runtime import drop_mapped_pages, keep_heap_small, load_mode, release_free_heap
 
     logging.basicConfig(stream=sys.stderr, format="%(message)s")
     logging.getLogger("edge.llama_cpp").setLevel(logging.DEBUG)   # buffer sizes go to stderr
 
+    keep_heap_small()  # each as the engine does (importing runtime also routes llama.cpp's log)
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
     mparams.load_mode = load_mode(mmap)
     model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
     if not model:
         raise SystemExit(f"llama.cpp could not load {model_path}")
+    if mmap:
+        drop_mapped_pages(Path(model_path))
     kv_type = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[kv]
     cp = llama_cpp.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, min(n_ubatch, n_batch), n_seq_max
@@ -103,7 +106,7 @@ def _fill_context(model_path: str, n_ctx: int, kv: str, n_batch: int, n_ubatch: 
     ctx = llama_cpp.llama_init_from_model(model, cp)
     if not ctx:
         raise SystemExit(f"llama.cpp could not create a context of {n_ctx} tokens")
-    release_free_heap()  # as the engine does after loading
+    release_free_heap()
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
     batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
     pos = 0

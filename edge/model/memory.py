@@ -2,11 +2,15 @@
 
 The parts (all measured on llama.cpp's CPU backend; see BENCHMARKS.md "Memory (issue 4)"):
 
-- weights: every byte of the file's data section ends up resident, read into buffers (the
-  default) or, with mmap, as mapped file pages (each weight is read at least once);
+- weights: every byte of the file's data section, read into buffers or, with mmap, as mapped file
+  pages. Counting all of it is the worst case for mmap: the engine drops the mapping's pages
+  after loading (`drop_mapped_pages`), and rows of an untied token embedding no text has used stay
+  out;
 - repacked weights: the CPU backend copies some quant types into an interleaved layout in an
   extra (anonymous) buffer, e.g. Q4_0/Q4_K on x86 with AVX2 (see cpu.py). Read into buffers, a
-  repacked weight exists once; with mmap its mapped pages stay resident too, so it counts twice;
+  repacked weight exists once. With mmap its original pages are dropped after loading, but the
+  kernel maps whole page-cache folios (up to 2 MiB) on a fault, so pages of originals next to
+  weights in use come back: the worst case counts them twice;
 - KV cache: n_layer × n_ctx × n_head_kv × (head_dim_k + head_dim_v) × bytes per element;
 - compute: llama.cpp *reserves* n_vocab × n_ubatch floats for the worst case, but only the
   activations of one ubatch are ever touched: ~(3·n_ff + 6·n_embd) floats per token, plus a fixed
@@ -51,7 +55,7 @@ class MemoryEstimate:
     n_ctx: int
     kv_cache_type: str
     weights_bytes: int          # data section of the file
-    repacked_bytes: int         # with mmap: repacked copies kept besides their mapped pages
+    repacked_bytes: int         # with mmap: originals that may be resident besides their repacked copies
     kv_cache_bytes: int
     compute_bytes: int          # resident part of the compute buffer
     output_bytes: int
