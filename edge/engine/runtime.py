@@ -110,11 +110,12 @@ def drop_mapped_pages(path: Path) -> int:
     llama.cpp maps the file with MAP_POPULATE, so every page starts out resident, including the
     originals of the weights it has just repacked into its own buffers and will never read again.
     Dropped pages come back on first use from the page cache, as clean file pages the kernel can
-    reclaim under pressure; pages never used again (those originals, the rows of an untied token
-    embedding no text has used) stay out. Measured on the stand-in daemon: 666 MB read, 695 MB
-    mapped, 605 MB mapped and dropped."""
+    reclaim under pressure. The rows of an untied token embedding no text has used stay out, and
+    so do most of those originals: the kernel maps a whole page-cache folio on a fault, so some
+    next to weights in use come back (memory.py counts them). Measured on the stand-in daemon:
+    666 MB read, 695 MB mapped, 605 MB mapped and dropped."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None)
         madvise = libc.madvise
         madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         mappings = _file_mappings(path)
