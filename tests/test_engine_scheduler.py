@@ -128,3 +128,41 @@ def test_a_waiting_stream_holds_no_worker_thread_and_wakes_per_piece(monkeypatch
 
     text, borrowed = asyncio.run(main())
     assert (text, borrowed) == ("Hello!", 0)
+
+
+@pytest.mark.timeout(60)
+def test_the_engine_thread_hands_loop_wakes_to_the_waker_thread_which_ends_with_its_loop(monkeypatch):
+    """The engine thread must not write to the loop's self-pipe itself (that system call gives
+    up the GIL, and the loop thread it wakes then holds the engine back): the loop's waker thread
+    does it. Its thread ends once the loop has closed."""
+    import asyncio
+
+    from edge.api import serving
+    from edge.engine.scheduler import ChatHandle
+    handle = ChatHandle([ChatMessage("user", "hi")], SamplingParams(), None)
+    wakers: list[str] = []
+
+    def engine_thread() -> None:
+        for piece in ("a", "b", "c"):
+            time.sleep(0.02)
+            handle._emit(piece)
+        handle._emit(ChatHandle.END)
+
+    async def main() -> tuple[str, threading.Thread]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def spy(*args, **kwargs):
+            wakers.append(threading.current_thread().name)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(loop, "call_soon_threadsafe", spy)
+        task = asyncio.create_task(serving.ChatStream(handle).text())
+        await asyncio.sleep(0.02)
+        threading.Thread(target=engine_thread, name="engine").start()
+        return await task, serving.loop_waker().thread
+
+    text, waker = asyncio.run(main())
+    assert text == "abc"
+    assert wakers and set(wakers) == {"loop-waker"}
+    waker.join(timeout=5)
+    assert not waker.is_alive()

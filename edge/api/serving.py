@@ -169,6 +169,62 @@ def model_facts(info: GGUFInfo) -> dict:
     }
 
 
+class LoopWaker:
+    """Sets asyncio events of one event loop on behalf of the engine thread, from a thread of its own.
+
+    Waking a loop writes to its self-pipe, a system call that gives up the GIL, and the loop thread
+    it wakes then takes the GIL to send the piece: the engine thread would wait for that before it
+    could start the next token's decode. Handing the wake to this thread costs the engine thread a
+    lock release instead, and the wake runs while the model computes (llama_decode runs without the
+    GIL). Wakes that pile up are sent in one go."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: set[asyncio.Event] = set()
+        self._cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="loop-waker", daemon=True)
+        self.thread.start()
+
+    def wake(self, event: asyncio.Event) -> None:
+        with self._cond:
+            self._pending.add(event)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while not self.loop.is_closed():
+            with self._cond:
+                if not self._pending:
+                    self._cond.wait(timeout=1.0)  # and look again whether the loop has closed
+                events, self._pending = self._pending, set()
+            if events:
+                try:
+                    self.loop.call_soon_threadsafe(_set_all, events)
+                except RuntimeError:  # the loop has closed (shutdown): nobody is waiting any more
+                    return
+                except Exception:  # never die quietly: every stream of this loop waits on us
+                    log.exception("waking the event loop failed")
+
+
+def _set_all(events: set[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
+_wakers: dict[asyncio.AbstractEventLoop, LoopWaker] = {}
+_wakers_lock = threading.Lock()
+
+
+def loop_waker() -> LoopWaker:
+    """The waker of the running event loop (one thread per loop, ended when the loop closes)."""
+    loop = asyncio.get_running_loop()
+    with _wakers_lock:
+        for old in [k for k in _wakers if k.is_closed()]:
+            del _wakers[old]
+        if loop not in _wakers or not _wakers[loop].thread.is_alive():
+            _wakers[loop] = LoopWaker(loop)
+        return _wakers[loop]
+
+
 class ChatStream:
     """Async view of a ChatHandle: pieces as they come; cancels generation when dropped early."""
 
@@ -192,18 +248,12 @@ class ChatStream:
             raise ClientGone()
 
     def _listen(self) -> asyncio.Event:
-        # The engine thread wakes this loop once per piece, so an open stream holds no thread
-        # (waiting in anyio's worker pool parked one per stream, from 40 shared with other calls).
+        # The engine thread wakes this loop once per piece (through the loop's waker), so an open
+        # stream holds no thread (waiting in anyio's worker pool parked one per stream, from 40
+        # shared with other calls).
         ready = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def wake() -> None:
-            try:
-                loop.call_soon_threadsafe(ready.set)
-            except RuntimeError:  # the loop has closed (shutdown): nobody is waiting any more
-                pass
-
-        self.handle.listen(wake)
+        waker = loop_waker()
+        self.handle.listen(lambda: waker.wake(ready))
         return ready
 
     async def _next(self) -> object:
