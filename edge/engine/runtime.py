@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,16 +263,30 @@ class LlamaRuntime:
             offset += len(toks)
             if toks:
                 wanted[offset - 1] = seq
-        out: dict[int, np.ndarray] = {}
+        # copies: a later chunk's llama_decode would overwrite an earlier chunk's logits
+        return {wanted[index]: self.logits(row).copy() for index, row in self._evaluate(flat, set(wanted))}
+
+    def decode_one(self, seq: int, tokens: list[int], pos: int) -> np.ndarray:
+        """Evaluate one sequence's tokens from `pos`; its last token's logits as a *view* that is
+        valid only until the next decode. The chat loop samples from it at once, and not copying
+        keeps a 600 KB allocation per token out of the hot path."""
+        if not tokens:
+            raise ValueError("decode_one needs at least one token")
+        flat = [(seq, tok, pos + i) for i, tok in enumerate(tokens)]
+        (_, row), = self._evaluate(flat, {len(flat) - 1})
+        return self.logits(row)
+
+    def _evaluate(self, flat: list[tuple[int, int, int]], wanted: set[int]) -> Iterator[tuple[int, int]]:
+        """Run `(seq, token, pos)` entries through llama_decode in n_batch-sized chunks, asking for
+        logits at the `wanted` flat indices; yields (flat index, batch row) for each of them right
+        after its chunk ran, while its logits are still in the context."""
         for start in range(0, len(flat), self.n_batch):
             chunk = flat[start:start + self.n_batch]
             self._fill_batch(chunk, [start + i in wanted for i in range(len(chunk))])
             self._run_batch()
             for i in range(len(chunk)):
-                seq = wanted.get(start + i)
-                if seq is not None:
-                    out[seq] = self.logits(i).copy()
-        return out
+                if start + i in wanted:
+                    yield start + i, i
 
     def _fill_batch(self, chunk: list[tuple[int, int, int]], outputs: list[bool]) -> None:
         b = self._batch
@@ -282,20 +297,6 @@ class LlamaRuntime:
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = seq
             b.logits[i] = outputs[i]
-
-    def decode_one(self, seq: int, tokens: list[int], pos: int) -> np.ndarray:
-        """Evaluate one sequence's tokens from `pos`; its last token's logits as a *view* that is
-        valid only until the next decode. The chat loop samples from it at once, and not copying
-        keeps a 600 KB allocation per token out of the hot path."""
-        if not tokens:
-            raise ValueError("decode_one needs at least one token")
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            last = start + len(chunk) == len(tokens)
-            self._fill_batch([(seq, tok, pos + start + i) for i, tok in enumerate(chunk)],
-                             [last and i == len(chunk) - 1 for i in range(len(chunk))])
-            self._run_batch()
-        return self.logits(len(chunk) - 1)
 
     def _run_batch(self) -> None:
         rc = llama_cpp.llama_decode(self.ctx, self._batch)

@@ -6,6 +6,7 @@ running a decode in a *child* process and reading how it ended; the caller never
 """
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import signal
@@ -84,6 +85,7 @@ def repacked_types(flags: frozenset[str] | set[str]) -> dict[str, int]:
     return out
 
 
+@functools.cache  # the CPU does not change while we run; start-up asks several times
 def repacked_types_for_this_cpu() -> dict[str, int]:
     return repacked_types(read_cpu_info().flags)
 
