@@ -30,6 +30,17 @@ def _default_prompts_dir() -> Path:
     return PROJECT_ROOT / "prompts"
 
 
+def cache_dir() -> Path:
+    """systemd's CacheDirectory= (CACHE_DIRECTORY) or the XDG cache folder."""
+    if os.environ.get("CACHE_DIRECTORY"):
+        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen-edge"
+
+
+# Home Assistant's prompt starts with "Current time is 13:49:27. Today's date is 2025-04-30."
+VOLATILE_LINES = (r"^Current time is ", r"^Today's date is ")
+
+
 _AUTO_OR_BOOL: dict[str, object] = {"auto": "auto", "true": True, "1": True, "yes": True, "on": True,
                                      "false": False, "0": False, "no": False, "off": False}
 
@@ -54,7 +65,8 @@ class ModelSettings(BaseModel):
         "auto", description="Map the model file instead of reading it. Mapped, an untied token embedding is "
                             "resident only in the rows texts use, but pages of weights llama.cpp repacks can stay "
                             "resident too; auto maps when the embedding outweighs the repacked weights")
-    n_seq_max: int = Field(16, ge=8, le=64, description="KV sequences: 2 sentiment prefixes + chat prefix + 4 sentiment work + chat slots")
+    n_seq_max: int = Field(32, ge=8, le=256, description="KV sequences: cached prefixes + engine.task_batch + "
+                                                          "engine.chat_slots")
 
     @field_validator("mmap", mode="before")
     @classmethod
@@ -69,10 +81,11 @@ class ModelSettings(BaseModel):
 
 class PromptSettings(BaseModel):
     dir: Path = Field(default_factory=_default_prompts_dir, description="Folder holding prompts and grammars")
-    language: Literal["auto", "zh", "en"] = Field("auto", description="Sentiment prompt language; auto = per text")
-    neutral: bool = Field(False, description="Allow the neutral label")
-    few_shot: bool = Field(True, description="Prepend the few-shot examples to the sentiment prompt")
-    max_text_tokens: int = Field(384, ge=16, le=8192, description="Longer texts keep head and tail, flagged truncated")
+    language: Literal["auto", "zh", "en"] = Field("auto", description="Task prompt language; auto = per text")
+    neutral: bool = Field(False, description="Allow optional labels (sentiment's neutral)")
+    few_shot: bool = Field(True, description="Prepend the few-shot examples to task prompts")
+    max_text_tokens: int = Field(384, ge=16, le=8192, description="Longer texts keep head and tail, flagged "
+                                                                   "truncated (a task.toml may set its own)")
 
 
 class ChatSettings(BaseModel):
@@ -83,6 +96,28 @@ class ChatSettings(BaseModel):
     repeat_penalty: float = Field(1.05, ge=0.5, le=2.0)
     max_tokens: int = Field(512, ge=1, le=8192, description="Reply length limit")
     seed: int = Field(-1, description="-1 = random")
+    client_system: Literal["prepend", "replace"] = Field(
+        "prepend", description="A client's system message (Home Assistant's instructions) follows our persona "
+                               "(prepend) or replaces it (replace)")
+    volatile_lines: list[str] = Field(
+        default_factory=lambda: list(VOLATILE_LINES),
+        description="Regexes of system-prompt lines moved to the end of the system turn, so the stable part "
+                    "before them is a reusable prefix (Home Assistant's current time)")
+    emotion_hints: bool = Field(False, description="Tell the assistant the emotion task's label of each user "
+                                                   "message (/v1/respond, `qwen-edge chat`)")
+
+
+class EngineSettings(BaseModel):
+    chat_slots: int = Field(6, ge=1, le=64, description="Conversations kept in the KV cache (and replies "
+                                                         "generated at once)")
+    task_batch: int = Field(8, ge=1, le=64, description="Task texts evaluated at once")
+    prefix_tokens: int = Field(1024, ge=0, le=32768, description="KV cells for cached prefixes (task prompts, "
+                                                                  "personas, client system prompts); the rest "
+                                                                  "wait on disk")
+    reply_share: float = Field(0.5, gt=0, le=1, description="While replies stream, the share of a step's time "
+                                                             "kept for them; prompt tokens get the rest")
+    kv_state_dir: Path | None = Field(None, description="Where evicted prefixes' KV states are kept (cleared at "
+                                                         "start); empty: a folder in the cache directory")
 
 
 class ServerSettings(BaseModel):
@@ -114,6 +149,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     prompts: PromptSettings = Field(default_factory=PromptSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
 

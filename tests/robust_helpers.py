@@ -107,6 +107,7 @@ def write_daemon_config(folder: Path, port: int, **sections: dict) -> Path:
     base = {"model": {"n_ctx": 4096, "n_batch": 256, "n_threads": 2},
             "prompts": {"dir": str(ROOT / "prompts"), "max_text_tokens": 96},
             "chat": {"max_tokens": 12, "temperature": 0.0},
+            "engine": {"prefix_tokens": 2048},  # the tiny tokenizer writes long prompts
             "server": {"host": "127.0.0.1", "port": port}}
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

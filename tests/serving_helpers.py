@@ -18,12 +18,13 @@ PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
 
 
 def api_settings(model: dict | None = None, server: dict | None = None, chat: dict | None = None,
-                 memory: dict | None = None) -> Settings:
+                 memory: dict | None = None, engine: dict | None = None) -> Settings:
     # n_ctx 4096: the tiny model's byte-level tokenizer makes the prompts long
     return load_settings(None, model={"n_ctx": 4096, "n_batch": 256, "n_threads": 2, **(model or {})},
                          prompts={"dir": PROMPTS, "max_text_tokens": 96},
                          chat={"max_tokens": 12, "temperature": 0.0, **(chat or {})},
-                         server=server or {}, memory=memory or {})
+                         server=server or {}, memory=memory or {},
+                         engine={"prefix_tokens": 2048, **(engine or {})})  # the tiny tokenizer writes long prompts
 
 
 def free_port() -> int:

@@ -16,8 +16,8 @@ KEY = "s3cret-key"
 
 @pytest.fixture(scope="module")
 def live(tiny_gguf):
-    # one chat slot (n_seq_max 8) and a queue of one: the third concurrent chat is refused
-    settings = api_settings(model={"n_seq_max": 8}, chat={"max_tokens": 1500, "temperature": 1.0},
+    # one chat slot and a queue of one: the third concurrent chat is refused
+    settings = api_settings(engine={"chat_slots": 1}, chat={"max_tokens": 1500, "temperature": 1.0},
                             server={"queue_size": 1, "max_body_bytes": 4096, "max_text_chars": 500,
                                     "allowed_hosts": ["nas.local"], "retry_after_s": 3})
     with serving_engine(tiny_gguf, settings, api_key=KEY) as server:

@@ -15,9 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge.api.serving import ClientGone, MemoryPressure, NotReady, RequestTimeout
 from edge.engine.chat import ContextOverflow
-from edge.engine.prompts import PromptError
+from edge.engine.tasks import PromptError
 from edge.engine.scheduler import QueueFull, SchedulerStopped
-from edge.engine.sentiment import InputError
+from edge.engine.task_runner import InputError
 
 log = logging.getLogger(__name__)
 

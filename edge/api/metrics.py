@@ -13,7 +13,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.api.serving import ServingState
-from edge.engine.types import ChatStats, SentimentResult
+from edge.engine.task_runner import SentimentResult
+from edge.engine.types import ChatStats
 
 disable_created_metrics()  # the *_created series only add noise to a small daemon's scrape
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

@@ -20,7 +20,8 @@ from edge.api.common import ndjson, sampling, serving_of, streaming, to_chat_mes
 from edge.api.errors import ApiError
 from edge.api.security import check_text_length
 from edge.api.serving import ChatStream
-from edge.engine.types import ChatStats, SentimentResult
+from edge.engine.task_runner import SentimentResult
+from edge.engine.types import ChatStats
 
 router = APIRouter()
 MAX_TEXTS = 256  # texts in one /v1/sentiment request

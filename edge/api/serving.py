@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from edge.engine.runtime import release_free_heap
 from edge.engine.scheduler import ChatHandle, Scheduler
-from edge.engine.types import ChatMessage, ChatStats, SamplingParams, SentimentResult
+from edge.engine.task_runner import SentimentResult
+from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.model.gguf_check import GGUFInfo, check_gguf
 from edge.settings import Settings
 

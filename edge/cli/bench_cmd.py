@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from edge.engine.prompts import PromptError
+from edge.engine.tasks import PromptError
 from edge.engine.runtime import RuntimeError_
 from edge.evaluation.bench import BenchOptions, run_bench
 from edge.evaluation.datasets import DatasetError

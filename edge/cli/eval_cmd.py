@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edge.engine.prompts import PromptError
+from edge.engine.tasks import PromptError
 from edge.engine.runtime import RuntimeError_
 from edge.evaluation.datasets import SPLITS, DatasetError, read_tsv, select
 from edge.evaluation.sentiment_eval import evaluate

@@ -53,6 +53,8 @@ class DaemonServer(uvicorn.Server):
         self.notifier.status(f"loading {self.model_path.name}")
         try:
             engine = Engine.load(self.model_path, self.serving.settings)
+            self.notifier.status(f"evaluating the prompts of {len(engine.tasks)} tasks")
+            engine.warm_up()  # no first request pays for a prompt prefix
             self.serving.attach(engine)
         except Exception as exc:
             log.error("cannot load %s: %s", self.model_path, exc)

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from edge.engine.types import SentimentResult
+from edge.engine.task_runner import TaskResult as SentimentResult
 
 OUT_HEADER = ("row", "label", "probability", "language", "truncated", "text")
 

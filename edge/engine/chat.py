@@ -1,29 +1,49 @@
-"""Streamed multi-turn chat over KV-cache slots.
+"""Streamed multi-turn chat over KV-cache slots, as jobs of the batched engine.
 
 Each slot is a llama.cpp sequence holding one conversation's tokens. A request (the whole message
 list, as OpenAI/Ollama clients send it) goes to the slot that already holds the longest prefix of
-its tokens; only the rest is evaluated. A new conversation starts from the cached system-prompt
-sequence. Assistant replies keep the exact token ids they were sampled with, so a history sent back
-by a client matches the cache token for token.
+its tokens, or starts from the longest cached prefix (prefixes.py) that it begins with; only the
+rest is evaluated. Assistant replies keep the exact token ids they were sampled with, so a history
+sent back by a client matches the cache token for token.
+
+The system turn is built once per request (`ChatSessions.prompt`):
+- the persona (prompts/chat/<lang>/system.txt, by the language of the last user message) is the
+  system prompt; a client's own system message replaces it or follows it (chat.client_system);
+- lines matching chat.volatile_lines (Home Assistant's "Current time is ...") are moved to the end
+  of the system turn, after the tool definitions: what the model is told stays the same, and the
+  long stable part before them is a prefix the next request can reuse;
+- tools are written by the model's template when it knows them, else as text (tools.py).
+The stable leading part of a prompt (the system turn up to any moved lines) is kept as a cached
+prefix once it has been seen twice (the persona's at once): a new conversation with the same
+system prompt, e.g. Home Assistant's a minute later, evaluates only its own new tokens.
 """
 from __future__ import annotations
 
 import codecs
+import hashlib
+import re
 import time
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp
 import numpy as np
 
 from edge.engine.chat_template import ChatTemplate
-from edge.engine.runtime import KVCacheFull, LlamaRuntime
+from edge.engine.grammar import Grammar
+from edge.engine.jobs import Job
+from edge.engine.prefixes import PrefixCache
+from edge.engine.runtime import LlamaRuntime
+from edge.engine.tasks import pick_language
+from edge.engine.tools import CALL_OPEN, CallWatch, ToolError, ToolSpec, call_gbnf, parse_calls, render_fallback
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.settings import ChatSettings
 
-_MEMO_SIZE = 64
-PENALTY_LAST_N = 64  # tokens the repeat penalty looks back over
+MEMO_SIZE = 64
+PENALTY_LAST_N = 64   # tokens the repeat penalty looks back over
+MIN_CACHED_PREFIX = 32  # shorter system turns are not worth a prefix sequence
+GRAMMAR_CACHE = 16    # compiled response / tool grammars kept for the next request
 
 
 class ContextOverflow(ValueError):
@@ -38,6 +58,21 @@ class Slot:
     busy: bool = False
 
 
+@dataclass(frozen=True)
+class ReplyFormat:
+    """What a reply must be: free text, JSON of a grammar (structured output), or text or tool calls."""
+    grammar: str | None = None
+    tools: ToolSpec | None = None
+
+
+@dataclass
+class ChatPrompt:
+    messages: list[ChatMessage]  # as rendered: the system turn first, the oldest turns dropped if needed
+    tokens: list[int]
+    stable: int          # leading tokens worth keeping as a cached prefix
+    own_system: bool     # the system turn is our persona alone (cached at once)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -46,33 +81,73 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-class ChatEngine:
-    def __init__(self, rt: LlamaRuntime, template: ChatTemplate, system_prompt: str, system_seq: int,
-                 slot_seqs: list[int], defaults: ChatSettings, reserved_tokens: int = 0) -> None:
+def split_volatile(text: str, patterns: list[re.Pattern]) -> tuple[str, str]:
+    """`text` without the lines matching any pattern, and those lines (in order)."""
+    kept, moved = [], []
+    for line in text.split("\n"):
+        (moved if any(p.search(line) for p in patterns) else kept).append(line)
+    return "\n".join(kept).strip("\n"), "\n".join(moved)
+
+
+class ChatSessions:
+    def __init__(self, rt: LlamaRuntime, template: ChatTemplate, personas: dict[str, str], slot_seqs: list[int],
+                 defaults: ChatSettings, prefixes: PrefixCache, budget_tokens: int) -> None:
         self.rt = rt
         self.template = template
-        self.system_prompt = system_prompt
-        self.system_seq = system_seq
+        self.personas = personas
         self.slots = [Slot(s) for s in slot_seqs]
         self.defaults = defaults
-        self.reserved_tokens = reserved_tokens  # KV cells kept for the sentiment prefixes and work
+        self.prefixes = prefixes
+        self.budget_tokens = budget_tokens  # KV cells one conversation may occupy (prompt + reply)
+        self.volatile = [re.compile(p) for p in defaults.volatile_lines]
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
-        self._system_tokens: list[int] | None = None
+        self._seen: Counter[str] = Counter()
+        self._grammars: OrderedDict[str, Grammar] = OrderedDict()
+        self._eot = self._end_of_turn()
+
+    def _end_of_turn(self) -> set[int]:
+        ids = self.rt.tokenize("<|im_end|>", special=True)
+        return set(ids) if len(ids) == 1 else set()
 
     # -- prompt building ------------------------------------------------------------------------
-    def with_system(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+    def with_system(self, messages: list[ChatMessage]) -> tuple[list[ChatMessage], bool]:
+        """The conversation with its system turn first; True when that turn is the persona alone."""
+        last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        persona = self.personas[pick_language(last_user, self.personas)]
         if messages and messages[0].role == "system":
-            return messages
-        return [ChatMessage("system", self.system_prompt), *messages]
+            client = messages[0].content
+            if self.defaults.client_system == "replace" or not persona:
+                return messages, False
+            return [ChatMessage("system", f"{persona}\n\n{client}"), *messages[1:]], False
+        return [ChatMessage("system", persona), *messages], True
 
-    def budget(self) -> int:
-        """Tokens one conversation may occupy (prompt + reply)."""
-        return max(64, self.rt.n_ctx - self.reserved_tokens)
+    def _render(self, msgs: list[ChatMessage], tools: ToolSpec | None) -> tuple[list[int], int]:
+        """Tokens of the prompt and how many lead up to the first moved line or user content."""
+        stable_text, moved = split_volatile(msgs[0].content, self.volatile)
+        msgs = [ChatMessage("system", stable_text), *msgs[1:]]
+        tool_defs = None
+        if tools is not None and tools.tools:
+            if self.template.supports_tools:
+                tool_defs = [t.definition for t in tools.tools]
+            else:
+                msgs = render_fallback(msgs, tools)
+        elif any(m.role == "tool" or m.tool_calls for m in msgs):
+            msgs = render_fallback(msgs, None)
+        segs = self.template.segments(msgs, True, self._memo.get, tool_defs)
+        head = len(segs[0]) + len(segs[1])
+        after = segs[2] if len(segs) > 2 else []
+        if not moved:
+            stable = head + len(after)
+            return [t for seg in segs for t in seg], stable
+        at = next((i for i, t in enumerate(after) if t in self._eot), 0 if not after else len(after))
+        inserted = self.rt.tokenize("\n" + moved)
+        tokens = segs[0] + segs[1] + after[:at] + inserted + after[at:] + [t for seg in segs[3:] for t in seg]
+        return tokens, head + at
 
-    def fit(self, messages: list[ChatMessage], max_tokens: int) -> tuple[list[ChatMessage], list[int]]:
-        """Drop the oldest turns (never the system prompt) until prompt + reply fit the budget."""
-        msgs = self.with_system(messages)
-        budget = self.budget()
+    def prompt(self, messages: list[ChatMessage], max_tokens: int, tools: ToolSpec | None = None) -> ChatPrompt:
+        """Drop the oldest turns (never the system turn or the tools) until prompt + reply fit."""
+        msgs, own = self.with_system(list(messages))
+        budget = self.budget_tokens
         if len(msgs) - 1 > budget:  # every turn costs at least one token: older ones can never fit
             msgs = [msgs[0], *msgs[len(msgs) - budget:]]
 
@@ -80,51 +155,77 @@ class ChatEngine:
             return [msgs[0], *msgs[1 + dropped:]]
 
         # Fewest dropped turns that fit, by bisection: one request with thousands of turns must not
-        # hold the engine worker for minutes re-rendering the history once per dropped turn.
+        # hold the engine for minutes re-rendering the history once per dropped turn.
         lo, hi, found = 0, max(0, len(msgs) - 2), None
         while lo <= hi:
             mid = (lo + hi) // 2
-            tokens = self.template.tokens(keep(mid), True, self._memo.get)
+            tokens, stable = self._render(keep(mid), tools)
             if len(tokens) + max_tokens <= budget:
-                found, hi = (mid, tokens), mid - 1
+                found, hi = (mid, tokens, stable), mid - 1
             else:
                 lo = mid + 1
-        if found is not None:
-            return keep(found[0]), found[1]
-        last = keep(max(0, len(msgs) - 2))
-        tokens = self.template.tokens(last, True, self._memo.get)
-        if len(tokens) + 16 <= budget:  # shorten the reply rather than fail
-            return last, tokens
-        raise ContextOverflow(f"the message is too long: {len(tokens)} tokens, context allows {budget}")
+        if found is None:
+            last = max(0, len(msgs) - 2)
+            tokens, stable = self._render(keep(last), tools)
+            if len(tokens) + 16 > budget:  # shorten the reply rather than fail, but not to nothing
+                raise ContextOverflow(f"the message is too long: {len(tokens)} tokens, context allows {budget}")
+            found = (last, tokens, stable)
+        return ChatPrompt(keep(found[0]), found[1], found[2], own)
 
-    def _system_prefix(self) -> list[int]:
-        if self._system_tokens is None:
-            segs = self.template.segments([ChatMessage("system", self.system_prompt), ChatMessage("user", "\ue0ff")])
-            self._system_tokens = [t for seg in segs[:-2] for t in seg]
-            self.rt.seq_rm(self.system_seq)
-            self.rt.decode([(self.system_seq, self._system_tokens, 0)])
-        return self._system_tokens
+    def fit(self, messages: list[ChatMessage], max_tokens: int) -> tuple[list[ChatMessage], list[int]]:
+        """The messages and tokens a reply of `max_tokens` to `messages` is generated from."""
+        prompt = self.prompt(messages, max_tokens)
+        return prompt.messages, prompt.tokens
 
     # -- slots ----------------------------------------------------------------------------------
-    def _claim_slot(self, tokens: list[int]) -> tuple[Slot, int]:
+    def claim(self, tokens: list[int]) -> tuple[Slot, int] | None:
+        """A free slot holding as much of `tokens` as possible, and how much; None when all are busy."""
         free = [s for s in self.slots if not s.busy]
         if not free:
-            raise RuntimeError("no free chat slot")  # the scheduler never starts more chats than slots
+            return None
         best = max(free, key=lambda s: (common_prefix(s.tokens, tokens), -s.last_used))
         reuse = common_prefix(best.tokens, tokens)
-        sys_tokens = self._system_prefix()
-        from_system = common_prefix(sys_tokens, tokens)
-        if reuse < from_system:  # a fresh conversation: start from the cached system prompt
-            best = min(free, key=lambda s: s.last_used)
-            self.rt.seq_rm(best.seq)
-            self.rt.seq_cp(self.system_seq, best.seq)
-            best.tokens = list(sys_tokens)
-            reuse = from_system
+        cached = [p for p in self.prefixes.entries.values()
+                  if p.key[0] == "chat" and len(p.tokens) > reuse and tokens[:len(p.tokens)] == p.tokens]
+        for prefix in sorted(cached, key=lambda p: -len(p.tokens)):
+            if self.prefixes.ensure(prefix, None):
+                best = min(free, key=lambda s: s.last_used)
+                self.rt.seq_rm(best.seq)
+                self.rt.seq_cp(prefix.seq, best.seq)
+                best.tokens, reuse = list(prefix.tokens), len(prefix.tokens)
+                break
         reuse = min(reuse, len(tokens) - 1)  # evaluate at least one token to get logits
         self.rt.seq_rm(best.seq, reuse, -1)
         best.tokens = best.tokens[:reuse]
         best.busy = True
         return best, reuse
+
+    @staticmethod
+    def prefix_key(tokens: list[int]) -> tuple[str, str]:
+        return ("chat", hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:24])
+
+    def persona_prefixes(self) -> list[tuple[tuple[str, str], list[int]]]:
+        """(key, tokens) of each persona's system turn, as a new conversation in its language starts."""
+        out = []
+        for lang in self.personas:
+            probe = "你好" if lang == "zh" else "hello"
+            prompt = self.prompt([ChatMessage("user", probe)], 1)
+            stable = prompt.tokens[:prompt.stable]
+            out.append((self.prefix_key(stable), stable))
+        return out
+
+    def keep_prefix(self, prompt: ChatPrompt, seq: int) -> None:
+        """After a prompt is evaluated: keep its stable part as a cached prefix (see module doc)."""
+        if prompt.stable < MIN_CACHED_PREFIX:
+            return
+        stable = prompt.tokens[:prompt.stable]
+        key = self.prefix_key(stable)
+        existing = self.prefixes.find(key)
+        if existing is not None and (existing.seq is not None or existing.saved is not None):
+            return
+        self._seen[key[1]] += 1
+        if prompt.own_system or self._seen[key[1]] >= 2:
+            self.prefixes.adopt(key, stable, seq)
 
     def drop_idle(self) -> int:
         """Forget idle conversations (memory pressure). Returns how many were dropped."""
@@ -137,8 +238,8 @@ class ChatEngine:
         self._memo.clear()
         return n
 
-    def _evict_one(self, keep: Slot) -> bool:
-        idle = [s for s in self.slots if s is not keep and not s.busy and s.tokens]
+    def evict_one(self) -> bool:
+        idle = [s for s in self.slots if not s.busy and s.tokens]
         if not idle:
             return False
         victim = min(idle, key=lambda s: s.last_used)
@@ -146,16 +247,14 @@ class ChatEngine:
         victim.tokens = []
         return True
 
-    def _decode(self, slot: Slot, tokens: list[int], pos: int) -> np.ndarray:
-        while True:
-            try:
-                return self.rt.decode_one(slot.seq, tokens, pos)
-            except KVCacheFull:
-                if not self._evict_one(slot):
-                    raise
+    def remember(self, text: str, tokens: list[int]) -> None:
+        self._memo[text] = tokens
+        self._memo.move_to_end(text)
+        while len(self._memo) > MEMO_SIZE:
+            self._memo.popitem(last=False)
 
-    # -- generation -----------------------------------------------------------------------------
-    def _sampler(self, p: SamplingParams) -> tuple[object, int | None]:
+    # -- sampling -------------------------------------------------------------------------------
+    def sampler(self, p: SamplingParams) -> tuple[object, int | None]:
         """A llama.cpp sampler chain for these settings, and how many top tokens it can ever pick
         from (None: the whole vocabulary): top-k, plus the tokens the repeat penalty may demote."""
         d = self.defaults
@@ -183,66 +282,171 @@ class ChatEngine:
             return None
         return top_k + (PENALTY_LAST_N if self.defaults.repeat_penalty != 1.0 else 0)
 
-    def stream(self, messages: list[ChatMessage], params: SamplingParams = SamplingParams(),
-               stats: ChatStats | None = None) -> Iterator[str]:
-        """Yield the reply piece by piece, one decoded token per step ('' while a character is
-        incomplete). Closing the generator stops generation and frees the slot."""
-        stats = stats if stats is not None else ChatStats()
-        max_tokens = params.max_tokens or self.defaults.max_tokens
-        msgs, tokens = self.fit(list(messages), max_tokens)
-        max_tokens = min(max_tokens, self.budget() - len(tokens))
-        t0 = time.perf_counter()
-        slot, reuse = self._claim_slot(tokens)
-        chain, preselect = self._sampler(params)
-        stats.prompt_tokens, stats.cached_tokens, stats.finish_reason = len(tokens), reuse, "cancelled"
-        generated: list[int] = []
-        text = ""
-        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        try:
-            logits = self._decode(slot, tokens[reuse:], reuse)
-            slot.tokens = list(tokens)
-            pos = len(tokens)
-            t_first = None
-            for _ in range(max_tokens):
-                tok = self.rt.sample(chain, logits, preselect)
-                if self.rt.is_end(tok):
-                    stats.finish_reason = "stop"
-                    break
-                generated.append(tok)
-                piece = utf8.decode(self.rt.piece(tok))
-                text += piece
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    stats.ttft_ms = (t_first - t0) * 1000
-                stop_at = _find_stop(text, params.stop)
-                if stop_at is not None:
-                    yield piece[: max(0, len(piece) - (len(text) - stop_at))]
-                    text = text[:stop_at]
-                    stats.finish_reason = "stop"
-                    break
-                yield piece
-                logits = self._decode(slot, [tok], pos)
-                slot.tokens.append(tok)
-                pos += 1
-            else:
-                stats.finish_reason = "length"
-            stats.completion_tokens = len(generated)
-            n_decoded = pos - len(tokens)  # single-token decodes since the first token was sampled
-            if t_first is not None and n_decoded > 0:
-                stats.decode_tps = n_decoded / max(1e-9, time.perf_counter() - t_first)
-            self._remember(text, generated)
-        finally:
-            llama_cpp.llama_sampler_free(chain)
-            slot.busy = False
-            slot.last_used = time.monotonic()
+    def grammar(self, gbnf: str, source: str) -> Grammar:
+        """A fresh parse state of `gbnf` (compiled once, then cloned)."""
+        compiled = self._grammars.get(gbnf)
+        if compiled is None:
+            compiled = self._grammars[gbnf] = Grammar(self.rt, gbnf, source)
+            while len(self._grammars) > GRAMMAR_CACHE:
+                self._grammars.popitem(last=False)[1].close()
+        self._grammars.move_to_end(gbnf)
+        return compiled.clone()
 
-    def _remember(self, text: str, tokens: list[int]) -> None:
-        self._memo[text] = tokens
-        self._memo.move_to_end(text)
-        while len(self._memo) > _MEMO_SIZE:
-            self._memo.popitem(last=False)
+    def job(self, messages: list[ChatMessage], params: SamplingParams, stats: ChatStats,
+            emit: Callable[[str], None], on_end: Callable[["GenerateJob"], None] | None = None,
+            fmt: ReplyFormat = ReplyFormat()) -> "GenerateJob":
+        """A reply job (checked now: a prompt that cannot fit raises ContextOverflow here)."""
+        max_tokens = params.max_tokens or self.defaults.max_tokens
+        prompt = self.prompt(messages, max_tokens, fmt.tools)
+        return GenerateJob(self, prompt, params, fmt, stats, emit, on_end,
+                           min(max_tokens, self.budget_tokens - len(prompt.tokens)))
+
+
+class GenerateJob(Job):
+    """One reply: evaluate the prompt's new tokens, then sample token by token."""
+
+    def __init__(self, sessions: ChatSessions, prompt: ChatPrompt, params: SamplingParams, fmt: ReplyFormat,
+                 stats: ChatStats, emit: Callable[[str], None], on_end: Callable[["GenerateJob"], None] | None,
+                 max_tokens: int) -> None:
+        super().__init__()
+        self.s, self.rt, self.prompt, self.params = sessions, sessions.rt, prompt, params
+        self.stats, self.emit, self.on_end, self.max_tokens = stats, emit, on_end, max_tokens
+        self.tools = fmt.tools if fmt.tools is not None and fmt.tools.active else None
+        self.grammar: Grammar | None = None
+        if fmt.grammar is not None:
+            self.grammar = sessions.grammar(fmt.grammar, "response format")
+        elif self.tools is not None and self.tools.forced:
+            self.grammar = sessions.grammar(call_gbnf(self.tools, opened=False), "tools")
+        self.calling = self.tools is not None and self.tools.forced
+        self.watch = CallWatch() if self.tools is not None and not self.calling else None
+        self.chain, self.preselect = sessions.sampler(params)
+        self.slot: Slot | None = None
+        self.generated: list[int] = []
+        self.text = ""        # reply text so far (content only)
+        self.call_text = ""   # what the model wrote after <tool_call>
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.cancel_requested = False
+        self.t_first: float | None = None
+        self.created_perf = time.perf_counter()
+        self.stats.finish_reason = "cancelled"
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_requested
+
+    def start(self) -> bool:
+        claimed = self.s.claim(self.prompt.tokens)
+        if claimed is None:
+            return False
+        self.slot, reuse = claimed
+        self.seq, self.pos = self.slot.seq, reuse
+        self.pending = self.prompt.tokens[reuse:]
+        self.stats.prompt_tokens, self.stats.cached_tokens = len(self.prompt.tokens), reuse
+        return True
+
+    def advance(self, n: int) -> None:
+        assert self.slot is not None
+        self.slot.tokens.extend(self.pending[:n])
+        super().advance(n)
+
+    def feed(self, logits: np.ndarray) -> None:
+        if self.t_first is None:
+            self.s.keep_prefix(self.prompt, self.seq)
+        self.generating = True
+        if len(self.generated) >= self.max_tokens:
+            self._end("length")
+            return
+        tok = self._sample(logits)
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+            self.stats.ttft_ms = (self.t_first - self.created_perf) * 1000
+        if self.rt.is_end(tok):
+            self._end("stop")
+            return
+        self.generated.append(tok)
+        self.pending = [tok]
+        piece = self.utf8.decode(self.rt.piece(tok))
+        if self.calling:
+            self.call_text += piece
+        else:
+            self._text(piece, tok)
+
+    def _sample(self, logits: np.ndarray) -> int:
+        if self.grammar is None:
+            return self.rt.sample(self.chain, logits, self.preselect)
+        tok = self.rt.sample(self.chain, self.rt.without_control(logits), self.preselect, self.grammar.restrict)
+        if not self.rt.is_end(tok):
+            self.grammar.accept(tok)
+        return tok
+
+    def _text(self, piece: str, tok: int) -> None:
+        if self.watch is not None:
+            piece = self.watch.feed(piece)
+            if self.watch.opened:
+                self._open_call(tok)
+        self.text += piece
+        stop_at = _find_stop(self.text, self.params.stop)
+        if stop_at is not None:
+            piece = piece[: max(0, len(piece) - (len(self.text) - stop_at))]
+            self.text = self.text[:stop_at]
+            if piece:
+                self.emit(piece)
+            self._end("stop")
+            return
+        if piece:
+            self.emit(piece)
+
+    def _open_call(self, tok: int) -> None:
+        """The model wrote `<tool_call>`: from here on the grammar of the tools holds. A last token
+        that wrote past the trigger is replaced by the tokens of its part of the trigger, so the
+        grammar starts exactly after it."""
+        assert self.tools is not None and self.watch is not None
+        self.calling = True
+        self.grammar = self.s.grammar(call_gbnf(self.tools, opened=True), "tools")
+        if self.watch.overshoot:
+            piece = self.rt.piece(tok).decode("utf-8", "replace")
+            head = piece[: len(piece) - len(self.watch.overshoot)]
+            self.pending = self.rt.tokenize(head, special=True)
+            self.generated[-1:] = self.pending
+            self.generating = len(self.pending) == 1  # several: evaluated as a prompt chunk
+
+    def _end(self, reason: str) -> None:
+        if self.watch is not None and not self.calling:
+            tail = self.watch.flush()
+            if tail:
+                self.text += tail
+                self.emit(tail)
+        if self.calling:
+            calls = parse_calls(CALL_OPEN + self.call_text)
+            self.stats.tool_calls = calls
+            reason = "tool_calls" if calls and reason == "stop" else reason
+        self.stats.finish_reason = reason
+        self.done = True
+
+    def stop(self, now: float) -> None:
+        self._end("timeout" if self.expired(now) and not self.cancelled else "cancelled")
+
+    def release(self) -> None:
+        self.stats.completion_tokens = len(self.generated)
+        if self.t_first is not None and len(self.generated) > 1:
+            self.stats.decode_tps = (len(self.generated) - 1) / max(1e-9, time.perf_counter() - self.t_first)
+        if self.error is not None:
+            self.stats.finish_reason = "error"
+        elif not self.stats.tool_calls and self.stats.finish_reason in ("stop", "length"):
+            self.s.remember(self.text, self.generated)
+        llama_cpp.llama_sampler_free(self.chain)
+        if self.grammar is not None:
+            self.grammar.close()
+        if self.slot is not None:
+            self.slot.busy = False
+            self.slot.last_used = time.monotonic()
+        if self.on_end is not None:
+            self.on_end(self)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None
+
+
+__all__ = ["ChatSessions", "ContextOverflow", "GenerateJob", "ReplyFormat", "ToolError"]

@@ -1,31 +1,42 @@
-"""The engine: one loaded model serving both roles from the same weights and the same KV cache.
+"""The engine: one loaded model serving every role from the same weights and the same KV cache.
 
-KV sequence layout (llama.cpp seq ids, one unified cache of n_ctx cells):
-    0, 1            sentiment instruction prefixes (en, zh), evaluated once, on first use
-    2               chat system-prompt prefix
-    3 .. 3+W-1      sentiment work sequences (a request's own text), emptied after each batch
-    3+W .. n_seq-1  chat conversation slots
+KV sequence layout (llama.cpp seq ids, one unified cache of n_ctx cells), from the settings:
+    0 .. B-1            task work sequences (engine.task_batch): a text being processed
+    B .. B+C-1          chat slots (engine.chat_slots): conversations
+    B+C .. n_seq-1      cached prefixes: task prompts, personas, client system prompts (prefixes.py)
+All work runs as jobs of one batcher (batcher.py): each step is one llama_decode for every job.
+The methods here drive the batcher from the calling thread, under `lock`; the scheduler
+(scheduler.py) drives it from its own thread for the daemon.
 """
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge.engine.chat import ChatEngine
+from edge.engine.batcher import Batcher, StepPlanner
+from edge.engine.chat import ChatSessions, GenerateJob, ReplyFormat
 from edge.engine.chat_template import ChatTemplate
-from edge.engine.prompts import LANGUAGES, PromptSet, load_prompts
-from edge.engine.runtime import KVCacheFull, LlamaRuntime, RuntimeConfig
-from edge.engine.sentiment import SentimentClassifier
-from edge.engine.types import ChatMessage, ChatStats, SamplingParams, SentimentResult
+from edge.engine.jobs import Job, PrefixJob
+from edge.engine.prefixes import Prefix, PrefixCache
+from edge.engine.runtime import LlamaRuntime, RuntimeConfig
+from edge.engine.task_runner import CompiledTask, InputError, Resources, TaskJob, TaskResult
+from edge.engine.tasks import GrammarError, PromptError, Prompts, load_prompts
+from edge.engine.tools import load_value_rules
+from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.model.gguf_check import check_gguf
 from edge.model.preflight import context_options, resolve_kv_cache_type
-from edge.settings import Settings
+from edge.settings import Settings, cache_dir
 
 log = logging.getLogger(__name__)
-SENTIMENT_BATCH = 4  # texts evaluated together in one llama_decode by classify_many
+SENTIMENT = "sentiment"  # the task behind /v1/sentiment, `classify` and the chat's sentiment line
+
+
+class TaskUnavailable(LookupError):
+    """No such task, or its files were refused (the message says why)."""
 
 
 class Engine:
@@ -35,15 +46,23 @@ class Engine:
         self.template = ChatTemplate(runtime.chat_template(), runtime.tokenize)
         if self.template.fallback_reason:
             log.warning("model chat template unusable (%s); using ChatML", self.template.fallback_reason)
+        e = settings.engine
         n_seq = runtime.config.n_seq_max
-        if n_seq < 3 + SENTIMENT_BATCH + 1:
-            raise ValueError(f"n_seq_max must be at least {4 + SENTIMENT_BATCH}")
-        self.prefix_seqs = {lang: i for i, lang in enumerate(LANGUAGES)}
-        self.system_seq = len(LANGUAGES)
-        self.work_seqs = list(range(self.system_seq + 1, self.system_seq + 1 + SENTIMENT_BATCH))
-        self.chat_seqs = list(range(self.work_seqs[-1] + 1, n_seq))
-        self.lock = threading.RLock()  # the runtime is single-threaded; the scheduler holds this
-        self._build(load_prompts(settings.prompts.dir, settings.prompts.neutral, settings.prompts.few_shot))
+        if n_seq < e.task_batch + e.chat_slots + 2:
+            raise ValueError(f"model.n_seq_max must be at least engine.task_batch + engine.chat_slots + 2 "
+                             f"= {e.task_batch + e.chat_slots + 2}")
+        self.work_seqs = list(range(e.task_batch))
+        self.chat_seqs = list(range(e.task_batch, e.task_batch + e.chat_slots))
+        state_dir = e.kv_state_dir or cache_dir() / "kv-states" / str(threading.get_native_id())
+        self.prefixes = PrefixCache(runtime, list(range(e.task_batch + e.chat_slots, n_seq)), e.prefix_tokens,
+                                    Path(state_dir), str(runtime.path))
+        self.batcher = Batcher(runtime, StepPlanner(runtime.n_batch, e.reply_share), self._make_room)
+        self.lock = threading.RLock()  # the runtime is single-threaded: whoever steps holds this
+        self.resources = Resources(runtime, self.prefixes, list(self.work_seqs), self._evaluate_prefix)
+        self.tasks: dict[str, CompiledTask] = {}
+        self.task_errors: dict[str, str] = {}
+        self.chat: ChatSessions
+        self._build(self._load_prompts())
 
     @classmethod
     def load(cls, model_path: Path | str, settings: Settings) -> "Engine":
@@ -58,54 +77,174 @@ class Engine:
             rt.close()
             raise
 
-    def _build(self, prompts: PromptSet) -> None:
+    # -- prompts and tasks ----------------------------------------------------------------------
+    def _load_prompts(self) -> Prompts:
         p = self.settings.prompts
-        sentiment = SentimentClassifier(self.rt, prompts, self.template, self.prefix_seqs, self.work_seqs,
-                                        p.max_text_tokens, p.language)
-        reserved = sum(sentiment.prefix_lengths().values()) + p.max_text_tokens + 16
-        chat = ChatEngine(self.rt, self.template, prompts.chat_system, self.system_seq, self.chat_seqs,
-                          self.settings.chat, reserved_tokens=reserved)
-        old = getattr(self, "sentiment", None)
-        self.prompts, self.sentiment, self.chat = prompts, sentiment, chat
-        if old is not None:
-            old.close()
-        self.rt.clear()  # prefixes of the old prompts are stale
+        return load_prompts(p.dir, p.neutral, p.few_shot, p.max_text_tokens)
+
+    def _build(self, prompts: Prompts) -> None:
+        """Compile every task; a task that fails keeps its running version (reload) or stays out
+        (start-up), with one error line naming the file."""
+        errors = dict(prompts.errors)
+        compiled: dict[str, CompiledTask] = {}
+        for name, spec in prompts.tasks.items():
+            try:
+                compiled[name] = CompiledTask(self.rt, self.template, spec, self.settings.prompts.language)
+            except (PromptError, GrammarError) as exc:
+                errors[name] = str(exc)
+        for name, message in errors.items():
+            if name in self.tasks:
+                compiled[name] = self.tasks[name]  # the old version stays in force
+                log.error("task %s not reloaded, the running version stays: %s", name, message)
+            else:
+                log.error("task %s refused: %s", name, message)
+        if not compiled:
+            raise PromptError(next(iter(errors.values()), f"no tasks in {prompts.source_dir / 'tasks'}"))
+        for name, old in self.tasks.items():
+            if compiled.get(name) is not old:
+                old.close()
+        value_rules = load_value_rules(Path(self.settings.prompts.dir) / "tools" / "argument_values.toml")
+        self.prefixes.clear()  # prefixes of the old prompts are stale
+        old_chat = getattr(self, "chat", None)
+        if old_chat is not None:
+            old_chat.drop_idle()
+        self.chat = ChatSessions(self.rt, self.template, prompts.chat_system, self.chat_seqs, self.settings.chat,
+                                 self.prefixes, self.chat_budget())
+        self.prompts, self.tasks, self.task_errors, self.value_rules = prompts, compiled, errors, value_rules
+
+    def chat_budget(self) -> int:
+        """KV cells one conversation may occupy: the context less the prefixes' share and one text."""
+        reserved = self.settings.engine.prefix_tokens + self.settings.prompts.max_text_tokens + 16
+        return max(64, self.rt.n_ctx - reserved)
 
     def reload_prompts(self) -> None:
-        """Re-read prompts/ (SIGHUP). On error the old prompts stay in force and the error is raised."""
-        p = self.settings.prompts
+        """Re-read prompts/ (SIGHUP). Broken tasks keep their old version; a broken persona raises."""
         with self.lock:
-            self._build(load_prompts(p.dir, p.neutral, p.few_shot))
+            if self.batcher.busy:
+                raise RuntimeError("reload while work is running")
+            self._build(self._load_prompts())
 
-    # -- sentiment ------------------------------------------------------------------------------
-    def classify(self, text: str, language: str | None = None) -> SentimentResult:
-        return self.classify_many([text], language)[0]
+    def task(self, name: str) -> CompiledTask:
+        found = self.tasks.get(name)
+        if found is None:
+            why = self.task_errors.get(name)
+            raise TaskUnavailable(f"task {name!r} is not available: {why}" if why else
+                                  f"no task named {name!r} (tasks: {', '.join(sorted(self.tasks))})")
+        return found
 
-    def classify_many(self, texts: list[str], language: str | None = None) -> list[SentimentResult]:
+    # -- driving the batcher from this thread ---------------------------------------------------
+    def submit(self, job: Job) -> None:
         with self.lock:
-            try:
-                return self.sentiment.classify_many(texts, language)
-            except KVCacheFull:
-                self.chat.drop_idle()  # the cache is shared: idle conversations make room
-                return [r for t in texts for r in self.sentiment.classify_many([t], language)]
+            self.batcher.submit(job)
 
-    def classify_reference(self, text: str, language: str | None = None) -> SentimentResult:
+    def run(self, jobs: list[Job]) -> None:
+        """Submit `jobs` and step until all have ended."""
         with self.lock:
-            return self.sentiment.classify_reference(text, language)
+            for job in jobs:
+                self.batcher.submit(job)
+            while not all(j.done for j in jobs) or any(j in self.batcher.jobs for j in jobs):
+                self.batcher.step()
+
+    def step(self) -> bool:
+        with self.lock:
+            return self.batcher.step()
+
+    def warm_up(self) -> int:
+        """Evaluate every prefix now (the daemon, before it reports ready), so no first request
+        pays for one; those that do not fit the prefix share are saved and restored on use. The
+        sentiment prompts go last: they stay resident. Returns the tokens evaluated."""
+        before = self.rt.n_evaluated
+        chat = self.chat.persona_prefixes()
+        tasks = sorted(self.tasks.values(), key=lambda t: t.name == SENTIMENT)
+        wanted = [*chat, *((lang.prefix_key, lang.prefix) for t in tasks for lang in t.langs.values())]
+        with self.lock:
+            for key, tokens in wanted:
+                prefix = self.prefixes.get(key, tokens)
+                while not self.prefixes.ensure(prefix, self._evaluate_prefix):
+                    self.batcher.step()
+        return self.rt.n_evaluated - before
+
+    def _evaluate_prefix(self, prefix: Prefix) -> None:
+        self.batcher.submit(PrefixJob(prefix, self.prefixes))
+
+    def _make_room(self) -> bool:
+        """The KV cache is full: forget the least recently used idle conversation, else evict an
+        idle prefix (its state is saved)."""
+        if self.chat.evict_one():
+            return True
+        idle = [p for p in self.prefixes.entries.values() if p.seq is not None and p.readers == 0 and not p.evaluating]
+        if idle:
+            self.prefixes.evict(min(idle, key=lambda p: p.last_used))
+            return True
+        return False
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def task_jobs(self, name: str, texts: list[str], language: str | None = None,
+                  reference: bool = False) -> list[TaskJob]:
+        """Jobs for `texts` (every text checked before any work: InputError names the problem)."""
+        task = self.task(name)
+        return [task.job(self.resources, text, language, reference) for text in texts]
+
+    def run_task(self, name: str, texts: list[str], language: str | None = None,
+                 reference: bool = False) -> list[TaskResult]:
+        jobs = self.task_jobs(name, texts, language, reference)
+        self.run(list(jobs))
+        for job in jobs:
+            if job.error is not None:
+                raise job.error
+        return [job.result for job in jobs]  # type: ignore[misc]
+
+    def classify(self, text: str, language: str | None = None) -> TaskResult:
+        return self.run_task(SENTIMENT, [text], language)[0]
+
+    def classify_many(self, texts: list[str], language: str | None = None) -> list[TaskResult]:
+        return self.run_task(SENTIMENT, texts, language)
+
+    def classify_reference(self, text: str, language: str | None = None, task: str = SENTIMENT) -> TaskResult:
+        """The plain grammar-constrained greedy path (no first-token shortcut), for tests and benchmarks."""
+        return self.run_task(task, [text], language, reference=True)[0]
+
+    @property
+    def sentiment(self) -> CompiledTask:
+        return self.task(SENTIMENT)
 
     # -- chat -----------------------------------------------------------------------------------
+    def chat_job(self, messages: list[ChatMessage], params: SamplingParams, stats: ChatStats, emit,
+                 on_end=None, fmt: ReplyFormat = ReplyFormat()) -> GenerateJob:
+        with self.lock:
+            return self.chat.job(messages, params, stats, emit, on_end, fmt)
+
     def chat_stream(self, messages: list[ChatMessage], params: SamplingParams = SamplingParams(),
-                    stats: ChatStats | None = None) -> Iterator[str]:
-        """A generator of reply pieces. The caller must step it from one thread at a time
-        (the scheduler does); it holds no lock between steps so sentiment can run in between."""
-        return self.chat.stream(messages, params, stats)
+                    stats: ChatStats | None = None, fmt: ReplyFormat = ReplyFormat()) -> Iterator[str]:
+        """The reply piece by piece, generated as this generator is stepped (one engine step per
+        piece at most). Closing it early stops the reply and frees its slot."""
+        stats = stats if stats is not None else ChatStats()
+        pieces: deque[str] = deque()
+        job = self.chat_job(messages, params, stats, pieces.append, None, fmt)
+        self.submit(job)
+        try:
+            while True:
+                while pieces:
+                    yield pieces.popleft()
+                if job.done and job not in self.batcher.jobs:
+                    break
+                self.step()
+            while pieces:
+                yield pieces.popleft()
+            if job.error is not None:
+                raise job.error
+        finally:
+            if job in self.batcher.jobs:
+                job.cancel_requested = True
+                self.step()  # ends it and frees the slot
 
     def conversation(self) -> "Conversation":
         return Conversation(self)
 
     def drop_idle(self) -> int:
+        """Memory pressure: forget idle conversations and evict idle prefixes (saved to disk)."""
         with self.lock:
-            return self.chat.drop_idle()
+            return self.chat.drop_idle() + self.prefixes.evict_idle()
 
     @property
     def n_chat_slots(self) -> int:
@@ -115,10 +254,14 @@ class Engine:
         return {"path": str(self.rt.path), "n_ctx": self.rt.n_ctx, "n_vocab": self.rt.n_vocab,
                 "kv_cache_type": self.rt.config.kv_cache_type, "chat_slots": len(self.chat_seqs),
                 "file_type": self.rt.meta("general.file_type"), "name": self.rt.meta("general.name"),
-                "evaluated_tokens": self.rt.n_evaluated}
+                "evaluated_tokens": self.rt.n_evaluated, "tasks": sorted(self.tasks)}
 
     def close(self) -> None:
-        self.sentiment.close()
+        with self.lock:
+            self.batcher.cancel_all(RuntimeError("engine closed"))
+            for task in self.tasks.values():
+                task.close()
+            self.prefixes.clear()
         self.rt.close()
 
 
@@ -129,7 +272,7 @@ class Conversation:
     history: list[ChatMessage] = field(default_factory=list)
     last_stats: ChatStats | None = None
 
-    def respond(self, text: str, params: SamplingParams = SamplingParams()) -> tuple[SentimentResult, Iterator[str]]:
+    def respond(self, text: str, params: SamplingParams = SamplingParams()) -> tuple[TaskResult, Iterator[str]]:
         label = self.engine.classify(text)
         self.history.append(ChatMessage("user", text))
         return label, self._reply(params)
@@ -145,3 +288,6 @@ class Conversation:
 
     def reset(self) -> None:
         self.history.clear()
+
+
+__all__ = ["Conversation", "Engine", "InputError", "TaskUnavailable", "SENTIMENT"]

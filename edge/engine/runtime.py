@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,6 +180,9 @@ class LlamaRuntime:
         self.n_evaluated = 0  # tokens pushed through the model, for tests and metrics
         self._piece_cache: dict[int, bytes] = {}
         self.end_tokens = self._find_end_tokens()
+        # control tokens that do not end generation (<|im_start|>...): never part of constrained output
+        self._control_ids = np.array(sorted(t for t in self.end_tokens if not llama_cpp.llama_vocab_is_eog(self.vocab, t)),
+                                     dtype=np.int64)
         self._candidates: np.ndarray | None = None  # full-vocabulary sampling, built on first use
         self._scratch = np.empty(self.n_vocab, dtype=np.float32)  # top-k selection, reused per token
         self._above = np.empty(self.n_vocab, dtype=bool)
@@ -215,6 +218,12 @@ class LlamaRuntime:
     def is_end(self, token: int) -> bool:
         return token in self.end_tokens
 
+    def without_control(self, logits: np.ndarray) -> np.ndarray:
+        """`logits` (changed in place) with every control token that does not end a reply made
+        impossible: a grammar that allows '<' inside a JSON string must not pick <|im_start|>."""
+        logits[self._control_ids] = -np.inf
+        return logits
+
     def _find_end_tokens(self) -> frozenset[int]:
         # A control token (e.g. <|im_start|>) never belongs in a reply: it ends it, so a model coaxed
         # into opening a turn cannot put a marker into text that clients send back as history.
@@ -246,8 +255,26 @@ class LlamaRuntime:
     def seq_len(self, seq: int) -> int:
         return llama_cpp.llama_memory_seq_pos_max(self.memory, seq) + 1
 
+    def seq_cp_range(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Share cells [p0, p1) of `src` with `dst` (nothing is copied or computed)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
+
+    def seq_state(self, seq: int) -> bytes:
+        """The KV state of one sequence, for `set_seq_state` later (llama.cpp's per-sequence state)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        return bytes(memoryview(buf)[:n])
+
+    def set_seq_state(self, seq: int, data: bytes) -> bool:
+        """Restore a state from `seq_state` into `seq` (emptied first); False when llama.cpp refuses
+        it (no room in the cache, or a state from another model or cache type)."""
+        self.seq_rm(seq)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), seq) > 0
 
     # -- evaluation -----------------------------------------------------------------------------
     def decode(self, jobs: list[tuple[int, list[int], int]]) -> dict[int, np.ndarray]:
@@ -275,6 +302,14 @@ class LlamaRuntime:
         flat = [(seq, tok, pos + i) for i, tok in enumerate(tokens)]
         (_, row), = self._evaluate(flat, {len(flat) - 1})
         return self.logits(row)
+
+    def decode_step(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of `(seq, token, pos, wants_logits)` entries (at most n_batch of them).
+        Afterwards `logits(i)` is the i-th entry's logits, for the entries that asked for them."""
+        if not entries or len(entries) > self.n_batch:
+            raise ValueError(f"a step holds 1..{self.n_batch} tokens, not {len(entries)}")
+        self._fill_batch([(s, t, p) for s, t, p, _ in entries], [w for *_, w in entries])
+        self._run_batch()
 
     def _evaluate(self, flat: list[tuple[int, int, int]], wanted: set[int]) -> Iterator[tuple[int, int]]:
         """Run `(seq, token, pos)` entries through llama_decode in n_batch-sized chunks, asking for
@@ -306,25 +341,35 @@ class LlamaRuntime:
             raise RuntimeError_(f"llama_decode failed ({rc})")
         self.n_evaluated += self._batch.n_tokens
 
-    def sample(self, sampler: "llama_cpp.llama_sampler_p", logits: np.ndarray, preselect: int | None = None) -> int:
+    def sample(self, sampler: "llama_cpp.llama_sampler_p", logits: np.ndarray, preselect: int | None = None,
+               allow: Callable[[np.ndarray], np.ndarray] | None = None) -> int:
         """Pick a token from the given logits with a llama.cpp sampler chain, and accept it.
 
         The chain works on our own candidate array, never on the context's last output, which is
-        what lets sentiment requests run between two steps of a chat reply without disturbing
-        it; `logits` itself is left unchanged. With `preselect`, only that many
-        best-scoring tokens are handed to the chain; the caller guarantees the chain could not
-        pick outside them (top-k plus every token a penalty can demote), so the choice is the
-        same and the per-token cost of filling a 150k-entry array is gone.
+        what lets other sequences' work run between two steps of a reply without disturbing it;
+        `logits` itself is left unchanged. With `preselect`, only that many best-scoring tokens
+        are handed to the chain; the caller guarantees the chain could not pick outside them
+        (top-k plus every token a penalty can demote), so the choice is the same and the
+        per-token cost of filling a 150k-entry array is gone. `allow(ids)` (a grammar) keeps the
+        ids that may come next; when none of the preselected ones may, the whole vocabulary is
+        offered to it, so a constrained reply never gets stuck.
         """
-        if preselect is not None and preselect < self.n_vocab:
-            ids = self._top(logits, preselect)
+        if self._candidates is None:
+            self._candidates = np.zeros(self.n_vocab, dtype=TOKEN_DATA)
+            self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
+        top = preselect is not None and preselect < self.n_vocab
+        ids = self._top(logits, preselect) if top else None
+        if allow is not None:
+            ids = allow(ids if ids is not None else self._all_ids)
+            if not len(ids) and top:
+                ids = allow(self._all_ids)
+            if not len(ids):
+                raise RuntimeError_("the grammar allows no token here")
+        if ids is not None:
             cand = np.empty(len(ids), dtype=TOKEN_DATA)
             cand["id"] = ids
             cand["logit"] = logits[ids]
         else:
-            if self._candidates is None:
-                self._candidates = np.zeros(self.n_vocab, dtype=TOKEN_DATA)
-                self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
             cand = self._candidates
             cand["id"] = self._all_ids  # the chain may have reordered the array last time
             cand["logit"] = logits

@@ -1,9 +1,9 @@
 """One worker thread owns the engine; many clients submit work to it.
 
-Order of work, by design: sentiment requests first (they cost one short prefill), then one token
-of each active chat reply in turn. So a sentiment request waits at most for one decode step, never
-for a whole reply, and several chats progress together. Queues are bounded: a full queue raises
-QueueFull (the HTTP layer answers 503 + Retry-After).
+Clients put requests in an inbox (never blocking on the engine); the worker turns them into jobs
+(building a prompt reads engine state, so it happens on the worker) and steps the batcher: every
+step is one llama_decode for every running job (batcher.py says what a step holds and why). Bounded:
+more than `queue_size` requests not yet started raises QueueFull (the HTTP layer answers 503).
 """
 from __future__ import annotations
 
@@ -16,15 +16,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from edge.engine.engine import Engine
-from edge.engine.types import ChatMessage, ChatStats, SamplingParams, SentimentResult
+from edge.engine.chat import GenerateJob, ReplyFormat
+from edge.engine.engine import SENTIMENT, Engine
+from edge.engine.task_runner import TaskJob, TaskResult
+from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 
 log = logging.getLogger(__name__)
-SENTIMENT_CHUNK = 8  # a long bulk request yields to chat between chunks of this many texts
-# While replies are being generated, at most this many sentiment chunks run between two chat steps:
-# sentiment still waits for one token of each reply at most, and a steady stream of sentiment
-# requests can no longer starve the replies.
-SENTIMENT_BURST = 4
 
 
 class QueueFull(RuntimeError):
@@ -40,14 +37,17 @@ _DONE = object()
 
 @dataclass(eq=False)
 class ChatHandle:
-    """A submitted chat: iterate for text pieces (blocking); `stats` is final once iteration ends."""
+    """A submitted chat: iterate for text pieces (blocking); `stats` is final once iteration ends
+    (tool calls the model made are in `stats.tool_calls`)."""
     messages: list[ChatMessage]
     params: SamplingParams
     deadline: float | None
+    fmt: ReplyFormat = field(default_factory=ReplyFormat)
     stats: ChatStats = field(default_factory=ChatStats)
     _events: queue.Queue = field(default_factory=queue.Queue)
     _cancel: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    job: GenerateJob | None = None
     _listener: Callable[[], None] | None = None
 
     def listen(self, wake: Callable[[], None]) -> None:
@@ -68,10 +68,16 @@ class ChatHandle:
     def cancel(self) -> None:
         """Stop generating (client went away); the slot is freed at the next step."""
         self._cancel.set()
+        if self.job is not None:
+            self.job.cancel_requested = True
 
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    @property
+    def started(self) -> bool:
+        return self.job is not None and self.job.seq is not None
 
     def get(self, timeout: float | None = None, block: bool = True) -> object:
         """Next piece (str), or the end marker `ChatHandle.END`; raises the job's error, or
@@ -88,34 +94,62 @@ class ChatHandle:
                 return
             yield item  # type: ignore[misc]
 
+    def _ended(self, job: GenerateJob) -> None:
+        if job.error is not None:
+            self.error = job.error
+            self._emit(job.error)
+        else:
+            self._emit(_DONE)
+
     END = _DONE
 
 
-@dataclass
-class _SentimentJob:
+@dataclass(eq=False)
+class TaskRequest:
+    """Texts of one task request; the future gets the results in order, or the first error."""
+    task: str
     texts: list[str]
     language: str | None
     future: Future
-    results: list[SentimentResult] = field(default_factory=list)
+    jobs: list[TaskJob] = field(default_factory=list)
+    left: int = 0
+
+    @property
+    def started(self) -> bool:
+        return any(j.seq is not None or j.done for j in self.jobs)
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel_requested = True
+
+    def _ended(self, job: TaskJob) -> None:
+        self.left -= 1
+        if self.left or self.future.done():
+            return
+        failed = next((j.error for j in self.jobs if j.error is not None), None)
+        if failed is not None:
+            self.future.set_exception(failed)
+        else:
+            self.future.set_result([j.result for j in self.jobs])
 
 
 class Scheduler:
     def __init__(self, engine: Engine, queue_size: int = 16) -> None:
         self.engine = engine
         self.queue_size = queue_size
-        self._sentiment: deque[_SentimentJob] = deque()
-        self._pending_chats: deque[ChatHandle] = deque()
-        self._active: list[tuple[ChatHandle, Iterator[str]]] = []
+        self._inbox: deque[TaskRequest | ChatHandle] = deque()
+        self._open: list[TaskRequest | ChatHandle] = []   # built into jobs, not finished
         self._cond = threading.Condition()
         self._running = False
         self._accepting = True
         self._thread: threading.Thread | None = None
-        self.on_idle_step = None  # optional callable run by the worker between steps (memory guard)
+        self.on_idle_step: Callable[[], None] | None = None  # run by the worker between steps (memory guard)
 
     # -- client side ----------------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        return len(self._sentiment) + len(self._pending_chats)
+        """Requests not yet started by the engine."""
+        return len(self._inbox) + sum(1 for r in list(self._open) if not r.started)
 
     @property
     def alive(self) -> bool:
@@ -124,30 +158,36 @@ class Scheduler:
 
     @property
     def active_chats(self) -> int:
-        return len(self._active)
+        return sum(1 for r in list(self._open) if isinstance(r, ChatHandle) and r.started)
 
-    def _admit(self) -> None:
-        if not self._accepting:
-            raise SchedulerStopped("shutting down")
-        if self.queue_depth >= self.queue_size:
-            raise QueueFull(f"{self.queue_depth} requests waiting")
+    @property
+    def busy(self) -> bool:
+        return bool(self._inbox or self._open)
+
+    def _admit(self, request: TaskRequest | ChatHandle) -> None:
+        with self._cond:
+            if not self._accepting:
+                raise SchedulerStopped("shutting down")
+            if self.queue_depth >= self.queue_size:
+                raise QueueFull(f"{self.queue_depth} requests waiting")
+            self._inbox.append(request)
+            self._cond.notify()
+
+    def run_task(self, task: str, texts: list[str], language: str | None = None) -> Future:
+        """Future of list[TaskResult], in the order of `texts`."""
+        request = TaskRequest(task, list(texts), language, Future())
+        request.future.add_done_callback(lambda f: request.cancel() if f.cancelled() else None)
+        self._admit(request)
+        return request.future
 
     def classify(self, texts: list[str], language: str | None = None) -> Future:
-        """Future of list[SentimentResult], in the order of `texts`."""
-        fut: Future = Future()
-        with self._cond:
-            self._admit()
-            self._sentiment.append(_SentimentJob(list(texts), language, fut))
-            self._cond.notify()
-        return fut
+        """Sentiment of `texts`: future of list[TaskResult]."""
+        return self.run_task(SENTIMENT, texts, language)
 
     def chat(self, messages: list[ChatMessage], params: SamplingParams = SamplingParams(),
-             timeout_s: float | None = None) -> ChatHandle:
-        handle = ChatHandle(list(messages), params, time.monotonic() + timeout_s if timeout_s else None)
-        with self._cond:
-            self._admit()
-            self._pending_chats.append(handle)
-            self._cond.notify()
+             timeout_s: float | None = None, fmt: ReplyFormat = ReplyFormat()) -> ChatHandle:
+        handle = ChatHandle(list(messages), params, time.monotonic() + timeout_s if timeout_s else None, fmt)
+        self._admit(handle)
         return handle
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -161,13 +201,13 @@ class Scheduler:
         with self._cond:
             self._accepting = False
             if not drain:
-                for h, _ in self._active:
-                    h.cancel()
+                for request in [*self._inbox, *self._open]:
+                    request.cancel()
             self._cond.notify()
         end = time.monotonic() + timeout
-        while drain and self.queue_depth + len(self._active) and time.monotonic() < end:
+        while drain and self.busy and time.monotonic() < end:
             time.sleep(0.05)
-        finished = self.queue_depth + len(self._active) == 0
+        finished = not self.busy
         with self._cond:
             self._running = False
             self._cond.notify()
@@ -177,26 +217,79 @@ class Scheduler:
 
     # -- worker ---------------------------------------------------------------------------------
     def _run(self) -> None:
-        burst = 0  # sentiment chunks run since the last chat step
         while True:
             with self._cond:
-                while self._running and not (self._sentiment or self._pending_chats or self._active):
+                while self._running and not self.busy:
                     self._cond.wait(timeout=1.0)
                     self._housekeeping()
                 if not self._running:
                     break
-                job = self._sentiment[0] if self._sentiment else None
-            if job is not None and not ((self._active or self._pending_chats) and burst >= SENTIMENT_BURST):
-                self._step_sentiment(job)
-                burst += 1
-                continue
-            burst = 0
-            self._start_pending_chats()
-            self._step_chats()
+                inbox, self._inbox = list(self._inbox), deque()
+            for request in inbox:
+                self._build(request)
+            try:
+                self.engine.step()
+            except Exception:  # the batcher fails jobs itself; this is a bug: keep serving
+                log.exception("engine step failed")
+            self._open = [r for r in self._open if not self._finished(r)]
             self._housekeeping()
-        for h, gen in self._active:  # not drained in time: end the streams cleanly
-            gen.close()
-            h._emit(_DONE)
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        """Not drained in time: end running replies cleanly (cancelled), fail the rest."""
+        for request in self._open:
+            request.cancel()
+        try:
+            self.engine.step()
+        except Exception:
+            log.exception("engine step failed")
+        self.engine.batcher.cancel_all(SchedulerStopped("shutting down"))
+        for request in self._inbox:
+            if isinstance(request, ChatHandle):
+                request._emit(SchedulerStopped("shutting down"))
+            elif not request.future.done():
+                request.future.set_exception(SchedulerStopped("shutting down"))
+
+    def _finished(self, request: TaskRequest | ChatHandle) -> bool:
+        if isinstance(request, ChatHandle):
+            return request.job is None or request.job.done and request.job not in self.engine.batcher.jobs
+        return request.future.done()
+
+    def _build(self, request: TaskRequest | ChatHandle) -> None:
+        """Turn a request into jobs; errors (bad input, prompt too long) go to the client."""
+        try:
+            if isinstance(request, ChatHandle):
+                if request.cancelled:
+                    request.stats.finish_reason = "cancelled"
+                    request._emit(_DONE)
+                    return
+                job = self.engine.chat_job(request.messages, request.params, request.stats, request._emit,
+                                           request._ended, request.fmt)
+                job.deadline = request.deadline
+                request.job = job
+                jobs: list = [job]
+            else:
+                request.jobs = self.engine.task_jobs(request.task, request.texts, request.language)
+                request.left = len(request.jobs)
+                if not request.jobs:
+                    request.future.set_result([])
+                    return
+                for job in request.jobs:
+                    job.on_done = request._ended
+                jobs = list(request.jobs)
+                if request.future.cancelled():
+                    request.cancel()
+        except Exception as exc:
+            if isinstance(request, ChatHandle):
+                request.error = exc
+                request.stats.finish_reason = "error"
+                request._emit(exc)
+            elif not request.future.done():
+                request.future.set_exception(exc)
+            return
+        self._open.append(request)
+        for job in jobs:
+            self.engine.submit(job)
 
     def _housekeeping(self) -> None:
         if self.on_idle_step is not None:
@@ -205,50 +298,5 @@ class Scheduler:
             except Exception:  # never let a monitor kill the worker
                 log.exception("housekeeping failed")
 
-    def _step_sentiment(self, job: _SentimentJob) -> None:
-        done = len(job.results)
-        chunk = job.texts[done:done + SENTIMENT_CHUNK]
-        try:
-            job.results += self.engine.classify_many(chunk, job.language)
-        except Exception as exc:
-            with self._cond:
-                self._sentiment.popleft()
-            job.future.set_exception(exc)
-            return
-        if len(job.results) == len(job.texts):
-            with self._cond:
-                self._sentiment.popleft()
-            job.future.set_result(job.results)
 
-    def _start_pending_chats(self) -> None:
-        while self._pending_chats and len(self._active) < self.engine.n_chat_slots:
-            with self._cond:
-                handle = self._pending_chats.popleft()
-            if handle.cancelled:
-                handle.stats.finish_reason = "cancelled"
-                handle._emit(_DONE)
-                continue
-            self._active.append((handle, self.engine.chat_stream(handle.messages, handle.params, handle.stats)))
-
-    def _step_chats(self) -> None:
-        for handle, gen in list(self._active):
-            reason = "cancelled" if handle.cancelled else (
-                "timeout" if handle.deadline and time.monotonic() > handle.deadline else None)
-            try:
-                if reason:
-                    gen.close()
-                    handle.stats.finish_reason = reason
-                    raise StopIteration
-                with self.engine.lock:
-                    piece = next(gen)
-                if piece:
-                    handle._emit(piece)
-            except StopIteration:
-                self._active.remove((handle, gen))
-                handle._emit(_DONE)
-            except Exception as exc:
-                log.warning("chat failed: %s", exc)
-                self._active.remove((handle, gen))
-                handle.error = exc
-                handle.stats.finish_reason = "error"
-                handle._emit(exc)
+__all__ = ["ChatHandle", "QueueFull", "Scheduler", "SchedulerStopped", "TaskResult"]

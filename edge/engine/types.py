@@ -4,27 +4,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 
 
 @dataclass(frozen=True)
-class SentimentResult:
-    label: str            # canonical id from prompts/labels.toml: "positive" | "negative" | "neutral"
-    display: str          # the label as the model wrote it, e.g. "正面" or "Positive"
-    probability: float    # softmax over the allowed labels' scores, 0..1
-    language: str         # "zh" | "en": which prompt was used
-    n_tokens: int         # tokens of the text after truncation
-    truncated: bool       # the text was longer than prompts.max_text_tokens (head and tail kept)
-    latency_ms: float
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+class ToolCall:
+    name: str
+    arguments: dict
+    id: str = ""
 
 
 @dataclass(frozen=True)
 class ChatMessage:
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()   # assistant messages that called tools
+    tool_call_id: str = ""                  # tool messages: which call this is the result of
 
 
 @dataclass(frozen=True)
@@ -43,7 +38,8 @@ class ChatStats:
     prompt_tokens: int = 0        # tokens of the whole prompt
     cached_tokens: int = 0        # of those, already in the KV cache (not evaluated again)
     completion_tokens: int = 0
-    finish_reason: str = "stop"   # "stop" | "length" | "cancelled" | "error"
+    finish_reason: str = "stop"   # "stop" | "length" | "tool_calls" | "timeout" | "cancelled" | "error"
     ttft_ms: float = 0.0
     decode_tps: float = 0.0
+    tool_calls: list[ToolCall] = field(default_factory=list)
     extra: dict = field(default_factory=dict)

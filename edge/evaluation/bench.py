@@ -102,7 +102,7 @@ def _chat_phase(engine: Engine, raw: RawContext, opts: BenchOptions) -> dict:
             continue  # the model ended at once: no decode speed to compare
         ttft.append(stats.ttft_ms)
         engine_tps.append(stats.decode_tps)
-        prompt = engine.chat.fit(msgs, opts.chat_max_tokens)[1]
+        prompt = engine.chat.prompt(msgs, opts.chat_max_tokens).tokens
         raw_tps.append(raw.decode_tps(prompt, stats.completion_tokens - 1))
     if not engine_tps:
         return {"chat_ttft_ms": float("nan"), "chat_decode_tps": float("nan"), "raw_decode_tps": float("nan"),
@@ -183,7 +183,7 @@ def run_bench(model_path: Path | str, settings: Settings, opts: BenchOptions,
     engine = Engine.load(model_path, settings)
     raw = raw_f16 = naive = None
     try:
-        for lang in engine.prompts.sentiment:
+        for lang in engine.sentiment.langs:
             engine.classify("ok" if lang == "en" else "好", lang)  # evaluate the cached prefixes once
         raw = RawContext(engine.rt)
         say("chat vs raw decode")
@@ -193,7 +193,7 @@ def run_bench(model_path: Path | str, settings: Settings, opts: BenchOptions,
         result.update(_bulk_phase(engine, raw, short[: opts.n_bulk - half] + long[:half]))
         result["peak_rss_mb"] = round(peak_rss_mb(), 1)
         say("latency: engine / naive / floor")
-        naive = NaiveClassifier(model_path, engine.prompts, raw.threads, engine.rt.n_ctx)
+        naive = NaiveClassifier(model_path, engine.sentiment.spec, raw.threads, engine.rt.n_ctx)
         raw_f16 = RawContext(engine.rt, engine_kv=False)
         m_short = _latency_phase(engine, naive, raw, raw_f16, short, progress)
         m_long = _latency_phase(engine, naive, raw, raw_f16, long, progress)

@@ -7,28 +7,28 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from edge.engine.prompts import LanguagePrompt, PromptSet, detect_language
+from edge.engine.tasks import TaskLanguage, TaskSpec, pick_language
 
 
 class NaiveClassifier:
-    def __init__(self, model_path: Path | str, prompts: PromptSet, n_threads: int, n_ctx: int = 2048) -> None:
+    def __init__(self, model_path: Path | str, task: TaskSpec, n_threads: int, n_ctx: int = 2048) -> None:
         from llama_cpp import Llama, LlamaGrammar  # heavy import, only when benchmarking
 
         self.llm = Llama(str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
-        self.prompts = prompts
-        self.grammars = {lang: LlamaGrammar.from_string(p.grammar, verbose=False) for lang, p in prompts.sentiment.items()}
+        self.task = task
+        self.grammars = {lang: LlamaGrammar.from_string(p.grammar, verbose=False) for lang, p in task.languages.items()}
 
     @staticmethod
-    def _messages(p: LanguagePrompt, text: str) -> list[dict]:
+    def _messages(p: TaskLanguage, text: str) -> list[dict]:
         msgs = [{"role": "system", "content": p.system}]
-        for example, label in p.examples:
-            msgs += [{"role": "user", "content": example}, {"role": "assistant", "content": p.labels[label]}]
+        for example, answer in p.examples:
+            msgs += [{"role": "user", "content": example}, {"role": "assistant", "content": answer}]
         return msgs + [{"role": "user", "content": text}]
 
     def classify(self, text: str) -> tuple[str, float]:
         """(label id, latency ms)."""
-        lang = detect_language(text)
-        p = self.prompts.sentiment[lang]
+        lang = pick_language(text, self.task.languages)
+        p = self.task.languages[lang]
         t0 = time.perf_counter()
         out = self.llm.create_chat_completion(self._messages(p, text), grammar=self.grammars[lang],
                                               temperature=0.0, max_tokens=8)

@@ -37,11 +37,11 @@ def run_model(model_path: Path | str, examples: Sequence[Example], settings: Set
     engine = Engine.load(model_path, settings)
     load_s = time.perf_counter() - t0
     try:
-        labels = set(next(iter(engine.prompts.sentiment.values())).labels)
+        labels = set(engine.sentiment.spec.label_ids)
         bad = sorted({e.label for e in examples} - labels)
         if bad:
             raise DatasetError(f"labels {bad} are not in the prompt label set {sorted(labels)}")
-        for lang in engine.prompts.sentiment:  # evaluate the cached prefixes before timing anything
+        for lang in engine.sentiment.langs:  # evaluate the cached prefixes before timing anything
             engine.classify("ok" if lang == "en" else "好", lang)
         run = ModelRun(str(model_path), [], [], [], load_s)
         for i, ex in enumerate(examples):

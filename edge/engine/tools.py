@@ -1,0 +1,254 @@
+"""Tool calls: how tools reach the model, how its calls are constrained, how they are read back.
+
+The format is Qwen2.5's (the "Hermes" format Qwen models are trained on): the system turn lists the
+tools as JSON lines inside <tools></tools>, a call is
+    <tool_call>
+    {"name": "<tool name>", "arguments": {<arguments>}}
+    </tool_call>
+and a tool's result comes back in a user turn inside <tool_response></tool_response>. A model whose
+chat template knows tools (Qwen2.5's does) gets them through its own template; for one whose
+template has no tool syntax (Qwen1.5's ChatML), `render_fallback` writes the same text into the
+messages (README: "Tool calls").
+
+What the model writes after `<tool_call>` is constrained by a grammar built from the tools' JSON
+schemas (llama.cpp's converter): the name is one of the given tools and the arguments validate
+against that tool's schema, by construction. ARGUMENT_VALUES (prompts/tools/argument_values.toml)
+can narrow string arguments further to values the client listed in its system prompt, e.g. the
+names and areas of the devices Home Assistant exposes.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge.engine.grammar import GrammarError, SchemaUnsupported, gbnf_literal, schema_gbnf
+from edge.engine.types import ChatMessage, ToolCall
+
+CALL_OPEN = "<tool_call>"
+CALL_CLOSE = "</tool_call>"
+MAX_PARALLEL_CALLS = 4
+CHOICES = ("auto", "none", "required")
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+                "\"arguments\": <args-json-object>}\n</tool_call>")
+
+
+class ToolError(ValueError):
+    """Tools or a tool choice the request cannot use (a 400 for the client)."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    parameters: dict          # JSON schema of the arguments
+    definition: dict          # as the client sent it, shown to the model
+
+
+@dataclass(frozen=True)
+class ValueRule:
+    """A string argument narrowed to the values a client lists in its system prompt."""
+    argument: str             # property name, in any tool whose schema has it as a string
+    pattern: re.Pattern       # one match per listed value; group 1 is the value (or a list of them)
+    separator: str = ""       # when group 1 lists several values
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    tools: tuple[Tool, ...]
+    choice: str = "auto"      # auto | none | required | the name of one tool
+    parallel: bool = True
+    value_rules: tuple[ValueRule, ...] = ()
+    system_text: str = ""     # the client's system prompt, where value rules look
+
+    @property
+    def active(self) -> bool:
+        return bool(self.tools) and self.choice != "none"
+
+    @property
+    def forced(self) -> bool:
+        return self.choice not in ("auto", "none")
+
+
+def parse_tools(raw: list[Any] | None, choice: Any = None, parallel: bool | None = None) -> ToolSpec | None:
+    """OpenAI / Ollama `tools` and `tool_choice` as a ToolSpec (None without tools); ToolError
+    with a message for the client when they cannot be used."""
+    if not raw:
+        if choice not in (None, "none", "auto"):
+            raise ToolError("tool_choice needs tools")
+        return None
+    tools = []
+    for i, entry in enumerate(raw):
+        fn = entry.get("function") if isinstance(entry, dict) else None
+        if not isinstance(fn, dict) or entry.get("type", "function") != "function":
+            raise ToolError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ToolError(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '.' or '-'")
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise ToolError(f"tools[{i}].function.parameters must be a JSON schema object")
+        tools.append(Tool(name, params, {"type": "function", "function": fn}))
+    names = [t.name for t in tools]
+    if len(set(names)) != len(names):
+        raise ToolError("two tools have the same name")
+    return ToolSpec(tuple(tools), _choice(choice, names), parallel if parallel is not None else True)
+
+
+def _choice(choice: Any, names: list[str]) -> str:
+    if choice is None:
+        return "auto"
+    if isinstance(choice, str):
+        if choice not in CHOICES:
+            raise ToolError(f"tool_choice must be one of {', '.join(CHOICES)} or a function")
+        return choice
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if name not in names:
+        raise ToolError(f"tool_choice names {name!r}, which is not among the tools")
+    return name
+
+
+# -- value rules ----------------------------------------------------------------------------------
+
+def load_value_rules(path: Path) -> tuple[ValueRule, ...]:
+    """Rules from a TOML file: [[rule]] argument = "name", pattern = "...", separator = ", "."""
+    if not path.exists():
+        return ()
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        rules = [ValueRule(r["argument"], re.compile(r["pattern"], re.MULTILINE), r.get("separator", ""))
+                 for r in table.get("rule", [])]
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, re.error, UnicodeDecodeError) as exc:
+        raise GrammarError(f"{path}: {exc}") from None
+    return tuple(rules)
+
+
+def listed_values(rule: ValueRule, text: str) -> list[str]:
+    values: list[str] = []
+    for match in rule.pattern.finditer(text):
+        found = match.group(1)
+        for value in found.split(rule.separator) if rule.separator else [found]:
+            value = value.strip().strip("'\"")
+            if value and value not in values:
+                values.append(value)
+    return values
+
+
+def _narrow(schema: dict, rules: tuple[ValueRule, ...], text: str) -> dict:
+    props = schema.get("properties")
+    if not isinstance(props, dict):
+        return schema
+    out = dict(props)
+    for rule in rules:
+        prop = props.get(rule.argument)
+        values = listed_values(rule, text) if isinstance(prop, dict) and prop.get("type") == "string" else []
+        if values and "enum" not in prop:
+            out[rule.argument] = {**prop, "enum": values}
+    return {**schema, "properties": out}
+
+
+# -- grammar --------------------------------------------------------------------------------------
+
+def call_schema(spec: ToolSpec) -> dict:
+    """The JSON schema of one call: {"name": <a tool>, "arguments": <its arguments>}."""
+    tools = [t for t in spec.tools if not spec.forced or t.name == spec.choice]
+    return {"anyOf": [{"type": "object", "properties": {
+        "name": {"const": t.name},
+        "arguments": _narrow(t.parameters, spec.value_rules, spec.system_text)},
+        "required": ["name", "arguments"]} for t in tools]}
+
+
+def call_gbnf(spec: ToolSpec, opened: bool) -> str:
+    """GBNF of the calls. `opened`: the model already wrote `<tool_call>` (it chose to call);
+    otherwise the grammar starts with it (tool_choice required or named)."""
+    try:
+        body = schema_gbnf(call_schema(spec), "tools")
+    except SchemaUnsupported as exc:
+        raise ToolError(f"a tool's parameters cannot be enforced: {exc}") from None
+    body = re.sub(r"^root ::=", "call-json ::=", body, count=1, flags=re.MULTILINE)
+    one = f'[ \n]{{0,2}} call-json [ \n]{{0,2}} {gbnf_literal(CALL_CLOSE)}'
+    more = f'("\n" {gbnf_literal(CALL_OPEN)} {one}){{0,{MAX_PARALLEL_CALLS - 1 if spec.parallel else 0}}}'
+    start = "" if opened else gbnf_literal(CALL_OPEN) + " "
+    return f"root ::= {start}{one} {more}\n{body}"
+
+
+def parse_calls(text: str) -> list[ToolCall]:
+    """The complete calls in `text` (what follows the first `<tool_call>`), in order."""
+    calls = []
+    for chunk in text.split(CALL_OPEN):
+        body, closed, _ = chunk.partition(CALL_CLOSE)
+        if not closed:
+            continue
+        try:
+            value = json.loads(body)
+        except json.JSONDecodeError:
+            continue  # cannot happen under the grammar; a truncated call is dropped
+        calls.append(ToolCall(value["name"], value.get("arguments") or {}, f"call_{uuid.uuid4().hex[:24]}"))
+    return calls
+
+
+# -- rendering without template support -------------------------------------------------------------
+
+def tools_block(spec: ToolSpec) -> str:
+    lines = "".join("\n" + json.dumps(t.definition, ensure_ascii=False) for t in spec.tools)
+    return f"{TOOLS_HEADER}{lines}{TOOLS_FOOTER}"
+
+
+def call_text(call: ToolCall) -> str:
+    payload = json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+    return f"{CALL_OPEN}\n{payload}\n{CALL_CLOSE}"
+
+
+def render_fallback(messages: list[ChatMessage], spec: ToolSpec | None) -> list[ChatMessage]:
+    """Messages carrying tools, calls and results as text, for a template with no tool syntax."""
+    out: list[ChatMessage] = []
+    for m in messages:
+        if m.role == "tool":
+            block = f"<tool_response>\n{m.content}\n</tool_response>"
+            if out and out[-1].role == "user" and out[-1].content.endswith("</tool_response>"):
+                out[-1] = ChatMessage("user", out[-1].content + "\n" + block)
+            else:
+                out.append(ChatMessage("user", block))
+        elif m.role == "assistant" and m.tool_calls:
+            text = "\n".join([m.content] * bool(m.content) + [call_text(c) for c in m.tool_calls])
+            out.append(ChatMessage("assistant", text))
+        else:
+            out.append(m)
+    if spec is not None and spec.tools:
+        if out and out[0].role == "system":
+            out[0] = ChatMessage("system", out[0].content + "\n\n" + tools_block(spec))
+        else:
+            out.insert(0, ChatMessage("system", tools_block(spec)))
+    return out
+
+
+@dataclass
+class CallWatch:
+    """Watches generated text for `<tool_call>`: text that may be its beginning is held back from
+    the client until it is known not to be."""
+    held: str = ""
+    opened: bool = False
+    overshoot: str = ""   # what the piece that completed the trigger wrote past it
+
+    def feed(self, piece: str) -> str:
+        """The part of `piece` that is reply text for sure; sets `opened` on the trigger."""
+        text = self.held + piece
+        at = text.find(CALL_OPEN)
+        if at >= 0:
+            self.opened, self.held = True, ""
+            self.overshoot = text[at + len(CALL_OPEN):]
+            return text[:at]
+        keep = next((n for n in range(min(len(text), len(CALL_OPEN) - 1), 0, -1)
+                     if CALL_OPEN.startswith(text[-n:])), 0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
