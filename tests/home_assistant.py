@@ -240,11 +240,6 @@ def ha_configuration(home: dict, port: int, daemon_url: str | None) -> str:
     return text
 
 
-def entity_id(entity: dict) -> str:
-    domain = "input_boolean" if entity["kind"] == "input_boolean" else entity["kind"]
-    return f"{domain}.{entity['id']}"
-
-
 # -- the driver (HA venv, inside the namespace) --------------------------------------------------------------------
 
 
@@ -279,6 +274,7 @@ class FakeOllama:
         self.tool_calls = {k.strip().lower(): v for k, v in (tool_calls or {}).items()}
         self.reply = reply
         self.requests: list[dict] = []
+        self.phase = "setup"  # the driver names the step each request belongs to
         self.runner = None
 
     def app(self):
@@ -308,7 +304,7 @@ class FakeOllama:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = raw.decode(errors="replace")
-        self.requests.append({"method": request.method, "path": request.path, "body": body})
+        self.requests.append({"phase": self.phase, "method": request.method, "path": request.path, "body": body})
         tag = {"name": MODEL, "model": MODEL, "modified_at": "2025-01-01T00:00:00Z", "size": 1, "digest": "0" * 64,
                "details": {"format": "gguf", "family": "qwen2", "parameter_size": "0.5B",
                            "quantization_level": "Q4_K_M"}}
@@ -513,19 +509,34 @@ async def place_and_expose(ha: HA, home: dict) -> dict:
     for name in home.get("areas", []):
         if name.casefold() not in areas:
             areas[name.casefold()] = (await ha.command("config/area_registry/create", name=name))["area_id"]
-    ids = []
+    ids = await registered_ids(ha, home)
     for e in home["entities"]:
-        eid = entity_id(e)
-        await wait_for(f"{eid} exists", lambda eid=eid: ha.rest("GET", f"/api/states/{eid}", ok=(200,)), 30)
         update = {"aliases": e.get("aliases", [])}
         if e.get("area"):
             update["area_id"] = areas[e["area"].casefold()]
-        await ha.command("config/entity_registry/update", entity_id=eid, **update)
-        ids.append(eid)
+        await ha.command("config/entity_registry/update", entity_id=ids[e["id"]], **update)
     await ha.command("homeassistant/expose_new_entities/set", assistant="conversation", expose_new=False)
-    await ha.command("homeassistant/expose_entity", assistants=["conversation"], entity_ids=ids, should_expose=True)
+    await ha.command("homeassistant/expose_entity", assistants=["conversation"], entity_ids=list(ids.values()),
+                     should_expose=True)
     listed = (await ha.command("homeassistant/expose_entity/list"))["exposed_entities"]
-    return {"exposed": sorted(k for k, v in listed.items() if v.get("conversation"))}
+    return {"entity_ids": ids, "exposed": sorted(k for k, v in listed.items() if v.get("conversation"))}
+
+
+async def registered_ids(ha: HA, home: dict) -> dict[str, str]:
+    """Each home entity's entity_id, found in the entity registry by its unique id (a template entity's
+    entity_id comes from its name, which may be Chinese)."""
+    wanted = {e["id"] for e in home["entities"]}
+
+    async def lookup():
+        found = {}
+        for entry in await ha.command("config/entity_registry/list"):
+            uid = str(entry.get("unique_id", ""))
+            if entry["platform"] in ("input_boolean", "template"):
+                for oid in wanted:
+                    if uid == oid or uid.endswith("-" + oid):
+                        found[oid] = entry["entity_id"]
+        return found if set(found) == wanted else None
+    return await wait_for(f"entities {sorted(wanted)} registered", lookup, 60)
 
 
 async def ollama_flow(ha: HA, url: str, model: str) -> dict:
@@ -571,6 +582,8 @@ async def run_step(ha: HA, step: dict, ctx: dict, fake: FakeOllama | None) -> di
     """One step of the spec; returns what the test asserts on."""
     kind = step["do"]
     seen = len(fake.requests) if fake else 0
+    if fake:
+        fake.phase = step.get("name", kind)
     t0 = time.monotonic()
     out: dict = {"do": kind, "name": step.get("name", kind)}
     if kind == "converse":
@@ -619,6 +632,7 @@ async def drive(spec: dict) -> dict:
             results["setup"]["backend_s"] = round(time.monotonic() - t0, 1)
             ha = await start_ha(spec, workdir, url, procs, session)
             results["setup"]["ha_start_s"] = round(time.monotonic() - t0, 1)
+            results["setup"]["ha_version"] = (await ha.rest("GET", "/api/config"))["version"]
             results["setup"].update(await place_and_expose(ha, spec["home"]))
             results["setup"]["flow"] = flow = await ollama_flow(ha, url, spec.get("model", MODEL))
             if flow["result_type"] != "create_entry":
@@ -657,7 +671,101 @@ def driver_main(spec_path: str, out_path: str) -> int:
     return 1 if results.get("error") else 0
 
 
+# -- recordings (run by hand; see tests/data/home_assistant/README.md) ----------------------------------------------
+
+DATA = ROOT / "tests" / "data"
+HOMES_DIR = DATA / "tools_eval" / "homes"
+ASSIST_OPTIONS = {"llm_hass_api": "assist", "num_ctx": 8192, "max_history": 20, "keep_alive": -1}  # HA's defaults
+KITCHEN_ON = [{"function": {"name": "HassTurnOn", "arguments": {"name": "Kitchen light"}}}]
+LIVE_CONTEXT = [{"function": {"name": "GetLiveContext", "arguments": {}}}]
+
+
+def load_home(home_id: str) -> dict:
+    """The home (areas, entities) of tests/data/tools_eval/homes/<id>.json."""
+    return json.loads((HOMES_DIR / f"{home_id}.json").read_text())["home"]
+
+
+def record_requests(out_dir: Path, venv: Path, workdir: Path) -> None:
+    """Every request HA sends the Ollama server, in order, for the conversations below; /api/chat bodies as
+    files, the whole sequence (with what the fake answered) in sequence.json."""
+    fake = {"tool_calls": {"turn on the kitchen light": KITCHEN_ON, "把厨房的灯打开": KITCHEN_ON,
+                           "is the bedroom light on?": LIVE_CONTEXT}, "reply": "Done."}
+    steps = [
+        {"do": "converse", "name": "assist_en_turn_on", "text": "Turn on the kitchen light", "conversation": "a"},
+        {"do": "sleep", "name": "a_few_seconds_later", "seconds": 3},
+        {"do": "converse", "name": "assist_en_second_turn", "text": "Is the bedroom light on?", "conversation": "a"},
+        {"do": "converse", "name": "assist_zh_turn_on", "text": "把厨房的灯打开", "language": "zh-Hans",
+         "conversation": "b"},
+        {"do": "sleep", "name": "a_minute_later", "seconds": 60},
+        {"do": "converse", "name": "assist_en_new_conversation_later", "text": "Turn on the kitchen light",
+         "conversation": "c"},
+        {"do": "options", "name": "assist_off", "options": {**ASSIST_OPTIONS, "llm_hass_api": "none"}},
+        {"do": "converse", "name": "no_assist_en", "text": "Hello! Who are you?", "conversation": "d"},
+    ]
+    spec = {"home": load_home("apartment_en"), "options": ASSIST_OPTIONS, "fake": fake, "steps": steps}
+    results = run_driver(spec, workdir, venv, timeout=600)
+    if results.get("error"):
+        raise SystemExit(explain(results))
+    answer = FakeOllama(fake["tool_calls"], fake["reply"]).answer
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sequence, n, per_phase = [], 0, {}
+    for req in results["requests"]:
+        item = {"phase": req["phase"], "method": req["method"], "path": req["path"]}
+        if req["path"] == "/api/chat":
+            n += 1
+            k = per_phase[req["phase"]] = per_phase.get(req["phase"], 0) + 1
+            item["file"] = f"{n:02d}_{req['phase']}{'' if k == 1 else '_tool_result'}.json"
+            item["fake_answered"] = answer(req["body"])
+            (out_dir / item["file"]).write_text(json.dumps(req["body"], ensure_ascii=False, indent=2) + "\n")
+        elif req["body"] is not None:
+            item["body"] = req["body"]
+        sequence.append(item)
+    meta = {"ha_version": results["setup"]["ha_version"], "options": ASSIST_OPTIONS, "home": spec["home"],
+            "steps": steps, "requests": sequence}
+    (out_dir / "sequence.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
+
+
+def record_homes(venv: Path, workdir: Path) -> None:
+    """For each home in tests/data/tools_eval/homes/: HA's system prompt and tools as HA renders them (Assist
+    on), and what GetLiveContext returns there; written back into the home's file under "recorded"."""
+    for path in sorted(HOMES_DIR.glob("*.json")):
+        doc = json.loads(path.read_text())
+        zh = doc["home"]["language"].startswith("zh")
+        text = "家里现在怎么样？" if zh else "How is the house right now?"
+        spec = {"home": doc["home"], "options": ASSIST_OPTIONS, "fake": {"tool_calls": {text: LIVE_CONTEXT}},
+                "steps": [{"do": "converse", "name": "live", "text": text, "language": doc["home"]["language"]}]}
+        results = run_driver(spec, workdir / doc["id"], venv, timeout=300)
+        if results.get("error"):
+            raise SystemExit(explain(results))
+        first, second = (r["body"] for r in results["steps"][0]["requests"])
+        doc["recorded"] = {
+            "ha_version": results["setup"]["ha_version"],
+            "entity_ids": results["setup"]["entity_ids"],
+            "request": {k: v for k, v in first.items() if k not in ("messages", "tools")},
+            "system_prompt": first["messages"][0]["content"],
+            "tools": first["tools"],
+            "live_context": json.loads(second["messages"][-1]["content"]),
+        }
+        path.write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "drive":
+        return driver_main(argv[1], argv[2])
+    if argv and argv[0] in ("record", "homes"):
+        import tempfile
+
+        venv, why = ha_venv()
+        if venv is None:
+            raise SystemExit(why)
+        with tempfile.TemporaryDirectory(prefix="ha_record_") as tmp:
+            if argv[0] == "record":
+                record_requests(Path(argv[1]) if len(argv) > 1 else DATA / "home_assistant", venv, Path(tmp))
+            else:
+                record_homes(venv, Path(tmp))
+        return 0
+    raise SystemExit(f"usage: {sys.argv[0]} drive SPEC OUT | record [OUT_DIR] | homes")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "drive":
-        sys.exit(driver_main(sys.argv[2], sys.argv[3]))
-    sys.exit(f"usage: {sys.argv[0]} drive SPEC OUT")
+    sys.exit(main(sys.argv[1:]))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.home_assistant import (MODEL, daemon_command, explain, ha_venv, namespace_problem, run_driver)
+from tests.home_assistant import (ASSIST_OPTIONS, KITCHEN_ON, MODEL, daemon_command, explain, ha_venv, load_home,
+                                  namespace_problem, run_driver)
 
 VENV, VENV_PROBLEM = ha_venv()
 NS_PROBLEM = namespace_problem()
@@ -20,16 +21,9 @@ pytestmark = [
 ]
 
 KITCHEN = "input_boolean.kitchen_light"
-HOME = {
-    "name": "Test home", "language": "en", "areas": ["Kitchen", "Living Room", "Bedroom"],
-    "entities": [
-        {"kind": "input_boolean", "id": "kitchen_light", "name": "Kitchen light", "area": "Kitchen"},
-        {"kind": "input_boolean", "id": "living_room_lamp", "name": "Living room lamp", "area": "Living Room"},
-        {"kind": "input_boolean", "id": "bedroom_light", "name": "Bedroom light", "area": "Bedroom"},
-    ],
-}
-ASSIST = {"llm_hass_api": "assist", "num_ctx": 8192, "max_history": 20, "keep_alive": -1}
-TURN_ON = [{"function": {"name": "HassTurnOn", "arguments": {"name": "Kitchen light"}}}]
+HOME = load_home("apartment_en")  # Kitchen light, Living room lamp, Bedroom light: input_booleans in their areas
+ASSIST = ASSIST_OPTIONS  # llm_hass_api "assist", HA's default num_ctx, max_history, keep_alive
+TURN_ON = KITCHEN_ON  # HassTurnOn {"name": "Kitchen light"}
 
 
 def steps_by_name(results: dict) -> dict[str, dict]:
