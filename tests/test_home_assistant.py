@@ -1,24 +1,34 @@
 """Home Assistant's own code (2025.4.4, its built-in Ollama integration) drives the daemon, end to end.
 
-Each test module run starts one driver under `unshare -n` (tests/home_assistant.py): a real HA, onboarded over
-its APIs, with the Ollama integration configured by its config and options flows, and input_booleans exposed
-to Assist in areas. The harness test runs it against a fake Ollama server that answers with a tool call (it
-proves the harness drives HA correctly, no model needed); the @realmodel tests run it against
-`qwen-edge serve` on the stand-in model and check the issue's acceptance criteria.
+Each run starts one driver under `unshare -n` (tests/home_assistant.py): a real HA, onboarded over its APIs,
+with the Ollama integration configured by its config and options flows, and input_booleans exposed to Assist
+in areas. The harness test runs it against a fake Ollama server that answers with a tool call (it proves the
+harness drives HA correctly, no model needed); the @realmodel tests share one run against `qwen-edge serve`
+on the stand-in model and check the issue's acceptance criteria. The last test checks the tool-call
+evaluation set against HA's recorded homes.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tests.home_assistant import (ASSIST_OPTIONS, KITCHEN_ON, MODEL, daemon_command, explain, ha_venv, load_home,
-                                  namespace_problem, run_driver)
+from tests.home_assistant import (ASSIST_OPTIONS, DATA, HOMES_DIR, KITCHEN_ON, MODEL, daemon_command, explain, ha_venv,
+                                  load_home, namespace_problem, run_driver)
 
 VENV, VENV_PROBLEM = ha_venv()
 NS_PROBLEM = namespace_problem()
-pytestmark = [
+needs_ha = [
     pytest.mark.skipif(VENV is None, reason=f"no Home Assistant venv: {VENV_PROBLEM}"),
     pytest.mark.skipif(bool(NS_PROBLEM), reason=f"no network namespace for Home Assistant: {NS_PROBLEM}"),
 ]
+
+
+def with_ha(test):
+    for mark in needs_ha:
+        test = mark(test)
+    return test
+
 
 KITCHEN = "input_boolean.kitchen_light"
 HOME = load_home("apartment_en")  # Kitchen light, Living room lamp, Bedroom light: input_booleans in their areas
@@ -42,6 +52,7 @@ def check_setup(results: dict) -> None:
 # -- the harness against a fake Ollama server (no model) ----------------------------------------------------------
 
 
+@with_ha
 def test_harness_turns_on_kitchen_light_through_fake_tool_call(tmp_path):
     spec = {
         "home": HOME, "options": ASSIST,
@@ -102,12 +113,14 @@ def daemon_run(standin_gguf, tmp_path_factory):
     return run_driver(spec, tmp_path_factory.mktemp("ha_daemon"), VENV, timeout=840)
 
 
+@with_ha
 @pytest.mark.realmodel
 @pytest.mark.timeout(900)
 def test_config_flow_lists_and_accepts_qwen_edge_latest(daemon_run):
     check_setup(daemon_run)
 
 
+@with_ha
 @pytest.mark.realmodel
 @pytest.mark.timeout(900)
 def test_english_and_chinese_conversations_get_replies(daemon_run):
@@ -119,6 +132,7 @@ def test_english_and_chinese_conversations_get_replies(daemon_run):
             explain(daemon_run)
 
 
+@with_ha
 @pytest.mark.realmodel
 @pytest.mark.timeout(900)
 def test_sentiment_recipe_script_returns_and_stores_the_label(daemon_run):
@@ -130,6 +144,7 @@ def test_sentiment_recipe_script_returns_and_stores_the_label(daemon_run):
     assert 0.5 <= float(steps["sentiment_negative"]["response"]["probability"]) <= 1.0
 
 
+@with_ha
 @pytest.mark.realmodel
 @pytest.mark.timeout(900)
 def test_model_tool_call_turns_on_kitchen_light(daemon_run):
@@ -142,3 +157,34 @@ def test_model_tool_call_turns_on_kitchen_light(daemon_run):
         "'Turn on the kitchen light' did not turn the exposed input_boolean on: the model made no HassTurnOn "
         f"call HA could run. HA's reply: {turn_on.get('speech')!r} ({turn_on.get('response_type')}, "
         f"{turn_on.get('seconds')} s)\n{explain(daemon_run)}")
+
+
+# -- the tool-call evaluation set agrees with HA's recorded homes (no HA needed) ------------------------------------
+
+
+def test_tools_eval_cases_agree_with_recorded_homes():
+    """Every label names a tool HA offers in that home, only parameters of its schema (required ones present),
+    and exposed names and areas; the set is big enough and about half Chinese."""
+    homes = {p.stem: json.loads(p.read_text()) for p in HOMES_DIR.glob("*.json")}
+    lines = (DATA / "tools_eval" / "cases.jsonl").read_text().splitlines()
+    cases = [json.loads(line) for line in lines]
+    assert len(cases) >= 160 and len({c["id"] for c in cases}) == len(cases)
+    assert 0.4 <= sum(c["lang"] == "zh" for c in cases) / len(cases) <= 0.6
+    for case in cases:
+        home = homes[case["home"]]
+        assert home["recorded"]["ha_version"] == "2025.4.4" and case["messages"][-1]["role"] == "user", case["id"]
+        expect, args = case["expect"], case["expect"]["arguments"]
+        if not expect["call"]:
+            assert expect["name"] is None and args == {}, case["id"]
+            continue
+        schema = {t["function"]["name"]: t["function"]["parameters"] for t in home["recorded"]["tools"]}[expect["name"]]
+        assert set(args) <= set(schema["properties"]) and set(schema["required"]) <= set(args), case["id"]
+        entities = home["home"]["entities"]
+        if "name" in args:
+            assert args["name"] in {e["name"] for e in entities}, case["id"]
+        if "area" in args:
+            domains = args.get("domain")
+            assert any(e.get("area") == args["area"] and (not domains or e["kind"] in domains) for e in entities), \
+                case["id"]
+        if expect["name"] in ("HassTurnOn", "HassTurnOff", "HassLightSet", "HassSetPosition"):
+            assert "name" in args or "area" in args, case["id"]
