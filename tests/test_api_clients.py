@@ -105,6 +105,8 @@ def test_root_answers_like_ollama_and_serves_the_page_to_browsers(http):
         r = http.request(method, "/")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), method
     assert http.get("/").text == "Ollama is running"
+    for path in ("/api/version", "/api/tags"):   # Ollama answers HEAD on these too
+        assert http.head(path).status_code == 200, path
     assert http.head("/").content == b""
     page = http.get("/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
     assert page.headers["content-type"].startswith("text/html") and "<title>qwen-edge</title>" in page.text

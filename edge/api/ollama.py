@@ -161,12 +161,12 @@ async def _reply(request: Request, tag: str, messages: list[ChatMessage], option
     return streaming(frames(chat), "application/x-ndjson", lambda message: ndjson({"error": message}))
 
 
-@router.get("/api/version")
+@router.api_route("/api/version", methods=["GET", "HEAD"])  # HEAD too, as Ollama answers it
 async def version() -> JSONResponse:
     return JSONResponse({"version": OLLAMA_COMPAT_VERSION})
 
 
-@router.get("/api/tags")
+@router.api_route("/api/tags", methods=["GET", "HEAD"])  # HEAD too, as Ollama answers it
 async def tags(request: Request) -> JSONResponse:
     serving = serving_of(request)
     return JSONResponse({"models": [_model_entry(serving)] if serving.status == "ready" else []})
