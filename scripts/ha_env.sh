@@ -42,7 +42,8 @@ if [ -z "$python" ]; then
   prefix=$(pyenv prefix "$PYTHON_VERSION" 2>/dev/null) || prefix=${PYENV_ROOT:-$HOME/.pyenv}/versions/$PYTHON_VERSION
   python=$prefix/bin/python3
 fi
-[ -x "$python" ] || die "Python $PYTHON_VERSION not found at $python (pyenv install $PYTHON_VERSION, or set QWEN_EDGE_HA_PYTHON)"
+[ -x "$python" ] \
+  || die "Python $PYTHON_VERSION not found at $python (pyenv install $PYTHON_VERSION, or set QWEN_EDGE_HA_PYTHON)"
 
 mkdir -p "$cache"
 exec 9>"$venv.lock"

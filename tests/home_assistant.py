@@ -11,14 +11,17 @@ Two halves in one file:
   areas and exposes them to Assist, then runs the spec's steps and writes the results. Every wait is bounded;
   every child is killed at the end, whatever happens (and `run_driver` kills the whole process group).
 
-`python tests/home_assistant.py record OUT_DIR` and `... homes OUT_DIR` (see the bottom of this file) write the
-recorded requests in tests/data/home_assistant/ and the homes in tests/data/tools_eval/homes/.
+By hand (see the bottom of this file): `python tests/home_assistant.py record` rewrites the recorded requests in
+tests/data/home_assistant/, `python tests/home_assistant.py homes` the recorded part of tests/data/tools_eval/homes/.
+
+A spec: {"home": {...}, "daemon": [command] | "fake": {"tool_calls": {text: calls}, "reply": text}, "options":
+{...}, "steps": [{"do": "converse" | "state" | "service" | "script" | "options" | "sleep", "name": ..., ...}]}.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -81,7 +84,7 @@ def run_driver(spec: dict, workdir: Path, venv: Path, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": "", "PYTHONDONTWRITEBYTECODE": "1"}
     with open(workdir / "driver.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
         try:
             proc.wait(timeout=timeout)
             timed_out = False
@@ -103,6 +106,14 @@ def run_driver(spec: dict, workdir: Path, venv: Path, timeout: float) -> dict:
     results["driver_log"] = _tail(workdir / "driver.log")
     results.setdefault("ha_log", _tail(workdir / "ha" / "home-assistant.log"))
     return results
+
+
+def die_with_parent() -> None:
+    """In a child before exec: SIGKILL when the parent dies (Linux PR_SET_PDEATHSIG), so a killed test or
+    driver leaves no Home Assistant or daemon behind."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def _tail(path: Path, n: int = LOG_TAIL) -> str:
@@ -249,8 +260,6 @@ class Deadline(Exception):
 
 async def wait_for(what: str, probe, timeout: float, interval: float = 0.5, alive=None):
     """Poll `probe()` until it returns something truthy; `alive()` returning a message aborts early."""
-    import asyncio
-
     end = time.monotonic() + timeout
     last = None
     while time.monotonic() < end:
@@ -421,18 +430,15 @@ class HA:
 
 
 async def start_process(cmd: list[str], log: Path, procs: list, env: dict | None = None):
-    import asyncio
-
     handle = open(log, "wb")
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=handle, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+                                                stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+                                                preexec_fn=die_with_parent)
     procs.append((proc, handle))
     return proc
 
 
 async def stop_processes(procs: list) -> None:
-    import asyncio
-
     for proc, _ in procs:
         if proc.returncode is None:
             proc.terminate()
@@ -559,15 +565,9 @@ async def ollama_options(ha: HA, options: dict) -> dict:
     flow = await ha.rest("POST", "/api/config/config_entries/options/flow", {"handler": entry["entry_id"]})
     done = await ha.rest("POST", f"/api/config/config_entries/options/flow/{flow['flow_id']}", options)
     assert done["type"] == "create_entry", done
-    await asyncio_sleep(1)  # the update listener schedules the reload
+    await asyncio.sleep(1)  # the update listener schedules the reload
     await ha.wait_loaded("ollama")
     return options
-
-
-async def asyncio_sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
 
 
 async def agent_id(ha: HA) -> str:
@@ -608,7 +608,7 @@ async def run_step(ha: HA, step: dict, ctx: dict, fake: FakeOllama | None) -> di
         out["options"] = await ollama_options(ha, step["options"])
         ctx["agent_id"] = await agent_id(ha)
     elif kind == "sleep":
-        await asyncio_sleep(step["seconds"])
+        await asyncio.sleep(step["seconds"])
     else:
         raise ValueError(f"unknown step {kind!r}")
     out["seconds"] = round(time.monotonic() - t0, 2)
@@ -663,8 +663,6 @@ async def drive(spec: dict) -> dict:
 
 
 def driver_main(spec_path: str, out_path: str) -> int:
-    import asyncio
-
     spec = json.loads(Path(spec_path).read_text())
     results = asyncio.run(drive(spec))
     Path(out_path).write_text(json.dumps(results, ensure_ascii=False, indent=1))

@@ -78,7 +78,8 @@ def test_harness_turns_on_kitchen_light_through_fake_tool_call(tmp_path):
     assert [t["function"]["name"] for t in first["tools"]][:2] == ["HassTurnOn", "HassTurnOff"]
     assert first["messages"][0]["role"] == "system" and first["messages"][0]["content"].startswith("Current time is ")
     assert second["messages"][-2]["tool_calls"][0]["function"] == TURN_ON[0]["function"]
-    assert second["messages"][-1]["role"] == "tool" and '"input_boolean.kitchen_light"' in second["messages"][-1]["content"]
+    tool = second["messages"][-1]
+    assert tool["role"] == "tool" and '"input_boolean.kitchen_light"' in tool["content"]
     chat = steps["chat"]["requests"]
     assert len(chat) == 1 and [m["role"] for m in chat[0]["body"]["messages"]][-3:] == ["tool", "assistant", "user"]
     assert steps["sentiment"]["response"]["label"] == "positive" and steps["stored"]["state"] == "positive"
