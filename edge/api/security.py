@@ -93,8 +93,9 @@ def _authority(netloc: str, scheme: str) -> tuple[str, int | None] | None:
 
 
 def is_same_origin(origin: str, host: str, allowed_hosts: Iterable[str]) -> bool:
-    """Whether a browser's ``Origin`` is the daemon itself: the scheme, name and port the request was
-    sent to (its ``Host``), or a name the operator allows (a reverse proxy's public name)."""
+    """Whether a browser's ``Origin`` is the daemon itself: the name and port the request was sent to
+    (its ``Host``; a missing port is the Origin scheme's default), or a name the operator allows (a
+    reverse proxy's public name). The scheme is not compared: nothing else can serve our port."""
     parts = urlsplit(origin.strip())
     if parts.scheme not in DEFAULT_PORTS or not parts.netloc:   # "null" (sandboxed frames, file://), extensions
         return False
