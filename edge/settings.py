@@ -121,7 +121,8 @@ class EngineSettings(BaseModel):
 
 
 class ServerSettings(BaseModel):
-    host: str = Field("127.0.0.1", description="Bind address; non-loopback needs an API key")
+    host: str = Field("localhost", description="Bind address; localhost = 127.0.0.1 and ::1; non-loopback "
+                                                "needs an API key")
     port: int = Field(11434, ge=1, le=65535, description="11434 is Ollama's port, which Home Assistant expects")
     api_key: str | None = Field(None, description="Bearer key (prefer `api_key_file`)")
     api_key_file: Path | None = Field(None, description="File holding the Bearer key")

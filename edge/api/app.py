@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import FastAPI
-from fastapi.responses import HTMLResponse, Response
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 
 from edge import __version__
 from edge.api import health, native, ollama, openai
@@ -14,6 +14,8 @@ from edge.api.security import SecurityMiddleware, resolve_api_key
 from edge.api.serving import ServingState
 
 ROUTERS = (health.router, native.router, openai.router, ollama.router)
+# What Ollama answers on / (GET and HEAD): its own CLI and many tools probe the server with it.
+OLLAMA_ROOT_TEXT = "Ollama is running"
 
 
 def _page() -> bytes:
@@ -31,9 +33,12 @@ def create_app(serving: ServingState, api_key: str | None = None) -> FastAPI:
         app.include_router(router)
     page = _page()
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(page)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def index(request: Request) -> Response:
+        # A browser asks for HTML and gets the chat page; a client probing for Ollama gets its answer.
+        if "text/html" in request.headers.get("accept", ""):
+            return HTMLResponse(page)
+        return PlainTextResponse(OLLAMA_ROOT_TEXT)
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 ROLES: dict[str, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
                          "tool": "user"}
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+NO_IMAGES = "images are not supported: the model reads text only"
+IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})   # OpenAI content part types holding an image
 
 
 def serving_of(request: Request) -> ServingState:
@@ -37,11 +39,27 @@ def content_text(content: object) -> str:
         for part in content:
             if isinstance(part, dict) and part.get("type") in ("text", "input_text"):
                 texts.append(str(part.get("text", "")))
+            elif isinstance(part, dict) and part.get("type") in IMAGE_PARTS:
+                raise ApiError(400, NO_IMAGES, "unsupported")
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ApiError(400, f"message part of type {kind!r} is not supported (text only)")
         return "\n".join(texts)
     raise ApiError(400, "message content must be a string or a list of text parts")
+
+
+def refuse_images(images: Iterable[object]) -> None:
+    """Ollama's ``images`` lists: refused, never dropped, so a client knows the picture was not seen."""
+    if any(images):
+        raise ApiError(400, NO_IMAGES, "unsupported")
+
+
+def refuse_fields(values: dict[str, object], refused: dict[str, str]) -> None:
+    """A request field we cannot honour (``refused``: name -> why), set to anything but null/false/0,
+    is a 400 rather than silently ignored."""
+    for name, why in refused.items():
+        if values.get(name) not in (None, False, 0):
+            raise ApiError(400, f"{name} is not supported: {why}", "unsupported")
 
 
 def to_chat_messages(pairs: Iterable[tuple[str, object]], request: Request) -> list[ChatMessage]:

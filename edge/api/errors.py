@@ -77,17 +77,18 @@ def message_of(exc: BaseException) -> str:
     return str(exc) or kind.replace("_", " ")
 
 
-def _validation_message(exc: RequestValidationError, request: Request) -> str:
+def validation_error(exc: RequestValidationError) -> tuple[int, str]:
+    """(status, message) of a request the framework could not validate: a body that is not JSON, or
+    not a JSON object, is a bad request (400, as Ollama answers it); a field of the wrong type or out
+    of range is 422 with its path."""
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     loc = tuple(first.get("loc", ()))
     if first.get("type") == "json_invalid":
-        return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})"
+        return 400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})"
     if loc in (("body",), ("body", 0)):
-        if "json" not in request.headers.get("content-type", ""):
-            return "send a JSON body with 'Content-Type: application/json'"
-        return "the body must be a JSON object"
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        return 400, "the body must be a JSON object" if first.get("type") != "missing" else "send a JSON body"
+    where = ".".join(str(p) for p in loc if p != "body")
+    return 422, f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -103,7 +104,8 @@ def install_error_handlers(app: FastAPI) -> None:
                               retry_after(request) if retry else None)
 
     async def on_validation(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(request.url.path, 422, _validation_message(exc, request), "invalid_request")
+        status, message = validation_error(exc)
+        return error_response(request.url.path, status, message, "invalid_request")
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
         kind = STATUS_KINDS.get(exc.status_code, "error")

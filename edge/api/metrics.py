@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edge.api.access import log_request
 from edge.api.serving import ServingState
 from edge.engine.task_runner import SentimentResult
 from edge.engine.types import ChatStats
@@ -102,7 +103,7 @@ class ApiMetrics:
 
 
 class MetricsMiddleware:
-    """Counts every response and times it to its last byte (streams included)."""
+    """Counts every response, times it to its last byte (streams included) and writes its access-log line."""
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
@@ -113,6 +114,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
+        scope.setdefault("state", {})   # the routes note token counts here for the access log
         status = {"code": 500}
         recorded = False
 
@@ -124,7 +126,9 @@ class MetricsMiddleware:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"  # bounded label set
             self.metrics.requests.labels(endpoint, scope["method"], str(status["code"])).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self.metrics.latency.labels(endpoint).observe(seconds)
+            log_request(scope, status["code"], seconds)
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":

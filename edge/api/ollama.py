@@ -5,8 +5,9 @@ Python client it uses): tags, ps, version, show, chat, generate.
 - ``options.num_ctx`` is accepted and capped to the context the memory budget allows (model.n_ctx);
   ``keep_alive`` is accepted (the model stays loaded); ``tools`` and ``format`` are accepted and not
   used, so a Home Assistant request with tools still gets a plain text reply.
-- Model management (pull, create, push, delete, copy, embeddings) answers 501 and never touches
-  the filesystem.
+- ``images`` (in messages, or on /api/generate) are refused with a 400: the model reads text only.
+- Model management (pull, create, push, delete, copy) and embeddings answer 501, saying what is not
+  supported, and never touch the filesystem.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.common import ndjson, open_chat, sampling, serving_of, streaming, to_chat_messages
+from edge.api.common import ndjson, open_chat, refuse_images, sampling, serving_of, streaming, to_chat_messages
 from edge.api.errors import ApiError
 from edge.api.serving import ChatStream, ServingState
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
@@ -29,7 +30,17 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 OLLAMA_COMPAT_VERSION = "0.12.0"      # the Ollama API version whose endpoints we mirror
 NEVER_EXPIRES = "2318-01-01T00:00:00Z"
-UNSUPPORTED = ("pull", "create", "push", "delete", "copy", "embed", "embeddings", "blobs/{digest}")
+# endpoint -> what its 501 says is not supported
+UNSUPPORTED = {
+    "pull": "downloading models is not supported: this server serves the one model it was started with",
+    "create": "creating models is not supported: this server serves the one model it was started with",
+    "push": "uploading models is not supported",
+    "delete": "deleting models is not supported: this server serves the one model it was started with",
+    "copy": "copying models is not supported: this server serves the one model it was started with",
+    "embed": "embeddings are not supported: this server only chats and classifies text",
+    "embeddings": "embeddings are not supported: this server only chats and classifies text",
+    "blobs/{digest}": "uploading model files is not supported",
+}
 # Ollama option -> SamplingParams field
 OPTION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "num_predict": "max_tokens",
                  "seed": "seed", "stop": "stop"}
@@ -47,9 +58,10 @@ class OllamaOptions(BaseModel):
 
 
 class OllamaMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # images, tool_calls, thinking: accepted
+    model_config = ConfigDict(extra="allow")  # tool_calls, thinking: accepted
     role: str
     content: str | None = ""
+    images: list[Any] | None = None           # refused: the model reads text only
 
 
 class ChatRequest(BaseModel):
@@ -74,6 +86,7 @@ class GenerateRequest(BaseModel):
     keep_alive: str | int | float | None = None
     format: Any = None
     raw: bool = False
+    images: list[Any] | None = None           # refused: the model reads text only
 
 
 class ShowRequest(BaseModel):
@@ -148,12 +161,12 @@ async def _reply(request: Request, tag: str, messages: list[ChatMessage], option
     return streaming(frames(chat), "application/x-ndjson", lambda message: ndjson({"error": message}))
 
 
-@router.get("/api/version")
+@router.api_route("/api/version", methods=["GET", "HEAD"])  # HEAD too, as Ollama answers it
 async def version() -> JSONResponse:
     return JSONResponse({"version": OLLAMA_COMPAT_VERSION})
 
 
-@router.get("/api/tags")
+@router.api_route("/api/tags", methods=["GET", "HEAD"])  # HEAD too, as Ollama answers it
 async def tags(request: Request) -> JSONResponse:
     serving = serving_of(request)
     return JSONResponse({"models": [_model_entry(serving)] if serving.status == "ready" else []})
@@ -194,6 +207,7 @@ async def chat(body: ChatRequest, request: Request) -> Response:
         reason = "unload" if body.keep_alive in (0, "0", "0s") else "load"
         return JSONResponse({"model": tag, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                              "done": True, "done_reason": reason})
+    refuse_images(m.images for m in body.messages)
     messages = to_chat_messages(((m.role, m.content) for m in body.messages), request)
     return await _reply(request, tag, messages, body.options, body.stream,
                         lambda text: {"message": {"role": "assistant", "content": text}},
@@ -207,19 +221,19 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     if not body.prompt:
         reason = "unload" if body.keep_alive in (0, "0", "0s") else "load"
         return JSONResponse({"model": tag, "created_at": _now(), "response": "", "done": True, "done_reason": reason})
+    refuse_images([body.images])
     pairs = ([("system", body.system)] if body.system else []) + [("user", body.prompt)]
     messages = to_chat_messages(pairs, request)
     return await _reply(request, tag, messages, body.options, body.stream,
                         lambda text: {"response": text}, {"response": ""})
 
 
-def _unsupported(action: str):
+def _unsupported(what: str):
     async def refuse() -> Response:
-        raise ApiError(501, f"/api/{action.split('/')[0]} is not supported: qwen-edge serves one model, "
-                            "converted with `qwen-edge convert`", "not_implemented")
+        raise ApiError(501, what, "not_implemented")
     return refuse
 
 
-for _action in UNSUPPORTED:
-    router.add_api_route(f"/api/{_action}", _unsupported(_action), methods=["POST", "DELETE", "HEAD", "GET"],
+for _action, _what in UNSUPPORTED.items():
+    router.add_api_route(f"/api/{_action}", _unsupported(_what), methods=["POST", "DELETE", "HEAD", "GET"],
                          include_in_schema=False)

@@ -1,7 +1,8 @@
-"""OpenAI-compatible API: POST /v1/chat/completions (SSE stream or one JSON), GET /v1/models.
+"""OpenAI-compatible API: POST /v1/chat/completions (SSE stream or one JSON), GET /v1/models[/{id}].
 
 Any model name is served by the one loaded model (OpenAI clients often insist on sending one).
-Fields we do not use (tools, response_format, logprobs, ...) are accepted and ignored.
+Fields we do not use (tools, response_format, ...) are accepted and ignored; those whose absence a
+client would misread (logprobs, images) are refused with a 400.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.common import open_chat, sampling, serving_of, sse, streaming, to_chat_messages
+from edge.api.common import open_chat, refuse_fields, sampling, serving_of, sse, streaming, to_chat_messages
 from edge.api.errors import ApiError, error_body
 from edge.api.serving import ChatStream
 from edge.engine.types import ChatStats
@@ -22,6 +23,9 @@ router = APIRouter()
 SSE_DONE = b"data: [DONE]\n\n"
 # engine finish reason -> OpenAI finish_reason
 FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "stop", "error": "stop"}
+# request field -> why it is refused (an empty logprobs list would look like an answer)
+REFUSED_FIELDS = {"logprobs": "this server does not return token log probabilities",
+                  "top_logprobs": "this server does not return token log probabilities"}
 
 
 class OpenAIMessage(BaseModel):
@@ -56,18 +60,30 @@ def usage(stats: ChatStats) -> dict:
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
+def _model(request: Request) -> dict:
+    serving = serving_of(request)
+    return {"id": serving.settings.server.model_name, "object": "model", "created": int(serving.started_at),
+            "owned_by": "qwen-edge"}
+
+
 @router.get("/v1/models")
 async def models(request: Request) -> JSONResponse:
-    serving = serving_of(request)
-    return JSONResponse({"object": "list", "data": [
-        {"id": serving.settings.server.model_name, "object": "model", "created": int(serving.started_at),
-         "owned_by": "qwen-edge"}]})
+    return JSONResponse({"object": "list", "data": [_model(request)]})
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> JSONResponse:
+    entry = _model(request)
+    if model_id != entry["id"]:
+        raise ApiError(404, f"model {model_id!r} not found; this server serves {entry['id']!r}", "model_not_found")
+    return JSONResponse(entry)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     if not body.messages:
         raise ApiError(400, "messages is empty")
+    refuse_fields(body.model_extra or {}, REFUSED_FIELDS)
     messages = to_chat_messages(((m.role, m.content) for m in body.messages), request)
     params = sampling(body.temperature, body.top_p, None, body.max_completion_tokens or body.max_tokens,
                       body.seed, body.stop)

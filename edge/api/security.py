@@ -7,6 +7,13 @@
   names (and ``server.allowed_hosts``) are accepted.
 - Bodies larger than ``server.max_body_bytes`` and texts longer than ``server.max_text_chars`` are
   refused with 413 before any model work.
+- A body is read as JSON whatever its Content-Type says (or without one), as Ollama does: litellm
+  and the curl examples of Ollama's documentation send none. A web page elsewhere can therefore
+  send a request body without a CORS preflight (``text/plain`` is a "simple request"), so requests
+  that change or cost something (every method but GET/HEAD/OPTIONS) are refused when they come
+  from another site: an ``Origin`` other than the address the request was sent to (or a name in
+  ``server.allowed_hosts``), or, without an Origin, ``Sec-Fetch-Site: cross-site``/``same-site``.
+  Browsers set both headers themselves; scripts cannot forge them.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import hmac
 import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,6 +30,10 @@ from edge.settings import ServerSettings
 
 PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})   # no key needed: no data, no model work
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})          # read only: a cross-site page cannot read the answer
+CROSS_SITE_FETCHES = frozenset({"cross-site", "same-site"})   # Sec-Fetch-Site values of another origin's page
+DEFAULT_PORTS = {"http": 80, "https": 443}
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
 
 
 class InsecureBind(ValueError):
@@ -71,8 +83,54 @@ def _host_name(raw: str) -> str:
     return raw.rsplit(":", 1)[0] if raw.count(":") == 1 else raw
 
 
+def _authority(netloc: str, scheme: str) -> tuple[str, int | None] | None:
+    """(host name, port) of ``netloc``, the port defaulting to the scheme's; None if unparseable."""
+    try:
+        parts = urlsplit(f"{scheme}://{netloc}")
+        return (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        return None
+
+
+def is_same_origin(origin: str, host: str, allowed_hosts: Iterable[str]) -> bool:
+    """Whether a browser's ``Origin`` is the daemon itself: the name and port the request was sent to
+    (its ``Host``; a missing port is the Origin scheme's default), or a name the operator allows (a
+    reverse proxy's public name). The scheme is not compared: nothing else can serve our port."""
+    parts = urlsplit(origin.strip())
+    if parts.scheme not in DEFAULT_PORTS or not parts.netloc:   # "null" (sandboxed frames, file://), extensions
+        return False
+    own = _authority(parts.netloc, parts.scheme)
+    if own is None:
+        return False
+    return own == _authority(host.strip(), parts.scheme) or own[0] in {h.lower() for h in allowed_hosts}
+
+
+def cross_site_refusal(method: str, headers: dict[str, str], allowed_hosts: Iterable[str]) -> str | None:
+    """Why a request is refused as cross-site (see the module docstring), or None."""
+    if method in SAFE_METHODS:
+        return None
+    origin = headers.get("origin")
+    if origin is not None:
+        if is_same_origin(origin, headers.get("host", ""), allowed_hosts):
+            return None
+        return f"requests from web pages at {origin.strip()[:100]!r} are refused (cross-site); " \
+               "a reverse proxy's name can be added to server.allowed_hosts"
+    if headers.get("sec-fetch-site", "").strip().lower() in CROSS_SITE_FETCHES:
+        return "requests from other web sites are refused (Sec-Fetch-Site)"
+    return None
+
+
+def as_json_body(scope: Scope) -> None:
+    """Read any request body as JSON (see the module docstring): the content type becomes JSON."""
+    if scope["method"] in SAFE_METHODS:
+        return
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+    scope["headers"] = [*headers, JSON_CONTENT_TYPE]
+
+
 class SecurityMiddleware:
-    """Pure ASGI (streams pass through untouched): Host check, Bearer key, body size."""
+    """Pure ASGI (streams pass through untouched): Host check, cross-site check, Bearer key, body size;
+    bodies are then read as JSON whatever their Content-Type."""
 
     def __init__(self, app: ASGIApp, server: ServerSettings, api_key: str | None) -> None:
         self.app = app
@@ -89,6 +147,9 @@ class SecurityMiddleware:
             if not (is_loopback(name) or name in allowed):
                 return 403, f"Host {name!r} is not allowed on a loopback bind (add it to server.allowed_hosts)", \
                     "forbidden_host"
+        cross_site = cross_site_refusal(scope["method"], headers, self.server.allowed_hosts)
+        if cross_site is not None:
+            return 403, cross_site, "forbidden_origin"
         if self.api_key and scope["path"] not in PUBLIC_PATHS:
             given = headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
@@ -112,6 +173,7 @@ class SecurityMiddleware:
                 response.headers["WWW-Authenticate"] = "Bearer"
             await response(scope, receive, send)
             return
+        as_json_body(scope)
         limit, seen, exceeded = self.server.max_body_bytes, 0, False
 
         async def limited_receive() -> Message:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Protocol
 
+from edge.api.access import add_chat_usage, add_usage
 from edge.engine.runtime import release_free_heap
 from edge.engine.scheduler import ChatHandle, Scheduler
 from edge.engine.task_runner import SentimentResult
@@ -144,7 +145,10 @@ class ServingState:
         while True:
             done, _ = await asyncio.wait({waiting}, timeout=POLL_S)
             if done:
-                return waiting.result()
+                results = waiting.result()
+                if request is not None:
+                    add_usage(request, texts=len(results), text_tokens=sum(r.n_tokens for r in results))
+                return results
             if time.monotonic() > deadline:
                 future.cancel()
                 raise RequestTimeout(f"sentiment took longer than {self.settings.server.request_timeout_s:g} s")
@@ -289,6 +293,8 @@ class ChatStream:
                 yield item  # type: ignore[misc]
         finally:
             self.handle.cancel()  # a no-op when finished; stops generation when the client left
+            if self.request is not None:
+                add_chat_usage(self.request, self.handle.stats)
             if self.on_end is not None:
                 self.on_end(self.handle.stats)
 

@@ -1,337 +1,146 @@
-"""`qwen-edge bench http`: the daemon measured over loopback, and the same work on llama.cpp's
-`llama-server` in the same run (``--peer-server PATH``).
+"""`qwen-edge bench http`: parse, call ``edge.evaluation.bench_http`` and print its tables.
 
-Work, identical on both servers; both are started, then rounds alternate between them (one server
-busy at a time, so they never share the CPU, and background load on the machine hits both alike):
-1. sentiment latency: SST-2 texts sent one by one while ``--chat-streams`` chat replies stream
-   continuously in the background; on llama-server the sentiment runs with the same GBNF grammar
-   and the same few-shot prompt on a dedicated, prompt-cached slot, chat on the other slot(s);
-2. chat decode speed: one streamed reply alone per round, tokens after the first / time after the first;
-3. RSS of the server process: peak and at the end (sampled every 100 ms).
+Phases: sentiment latency / decode / RSS when ``--texts FILE`` is given (a labelled TSV: there is
+no default set, the figures and the accuracy mean something only for the set you name);
+``--concurrency 1,2,4``; ``--mixed`` (its classification texts are a fixed built-in set of short
+English sentences, the prompt the peer is given). See the library module for what is measured.
 """
 from __future__ import annotations
 
 import json
 import os
-import statistics
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-import httpx
-
-from edge.settings import PROJECT_ROOT
-
-DEFAULT_TEXTS = PROJECT_ROOT.parent / "shared" / "data" / "sentiment" / "sst2_dev.tsv"
-STORY = "Tell me a long, detailed story about a lighthouse keeper and a storm."
-TARGETS = {"p50_ms": "below peer", "p90_ms": "below peer", "decode_tps": ">= 0.95 x peer", "rss_peak_mb": "<= peer"}
 
 
-@dataclass
-class Server:
-    """One server under test: how to ask it for a label and for a streamed reply."""
-    name: str
-    url: str
-    pid: int | None
-    classify: Callable[[httpx.Client, str], str]
-    chat_extra: dict = field(default_factory=dict)   # extra fields of the chat request (llama-server: slot)
-    headers: dict = field(default_factory=dict)
-
-
-# -- servers --------------------------------------------------------------------------------------
-
-def _wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float = 600) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise click.ClickException(f"server at {url} exited with code {proc.returncode} while starting")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise click.ClickException(f"server at {url} not ready after {timeout_s:.0f} s")
-
-
-def _listening_pid(port: int) -> int | None:
-    import psutil
+def _counts(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    if not value:
+        return ()
     try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-                return conn.pid
-    except psutil.AccessDenied:
-        pass
-    return None
+        counts = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("use stream counts separated by commas, e.g. 1,2,4") from None
+    if not counts or min(counts) < 1:
+        raise click.BadParameter("stream counts must be 1 or more")
+    return counts
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _fmt(v: object) -> str:
+    if isinstance(v, dict) and "median" in v:
+        return f"{v['median']:g} ({v['min']:g}-{v['max']:g})" if v["min"] != v["max"] else f"{v['median']:g}"
+    return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def ours(url: str, api_key: str | None, pid: int | None) -> Server:
-    def classify(client: httpx.Client, text: str) -> str:
-        r = client.post("/v1/sentiment", json={"text": text})
-        r.raise_for_status()
-        return r.json()["label"]
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    port = httpx.URL(url).port or 80
-    return Server("qwen-edge", url, pid or _listening_pid(port), classify, headers=headers)
+def _table(title: str, cols: tuple[str, ...], rows: list[dict]) -> None:
+    click.echo(title)
+    cells = [list(cols)] + [[_fmt(row.get(c)) for c in cols] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
+    for r in cells:
+        click.echo("  " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
 
 
-def sentiment_prompt(prompts_dir: Path) -> tuple[str, str, dict[str, str], str]:
-    """ChatML of our English few-shot sentiment prompt up to the text, after it, the label map, the grammar."""
-    from edge.engine.prompts import load_prompts
-    p = load_prompts(prompts_dir, neutral=False, few_shot=True).sentiment["en"]
-    turn = lambda role, text: f"<|im_start|>{role}\n{text}<|im_end|>\n"  # noqa: E731
-    head = turn("system", p.system) + "".join(turn("user", t) + turn("assistant", p.labels[lab]) for t, lab in p.examples)
-    return head + "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", {v: k for k, v in p.labels.items()}, p.grammar
+def _rows(phase: dict) -> list[dict]:
+    return [{"server": name, **figures} for name, figures in phase["servers"].items()]
 
 
-def peer(url: str, pid: int, prompts_dir: Path) -> Server:
-    head, tail, labels, grammar = sentiment_prompt(prompts_dir)
-
-    def classify(client: httpx.Client, text: str) -> str:
-        r = client.post("/completion", json={"prompt": head + text + tail, "grammar": grammar, "n_predict": 8,
-                                             "temperature": 0, "cache_prompt": True, "id_slot": 0})
-        r.raise_for_status()
-        return labels.get(r.json()["content"].strip(), "?")
-    return Server("llama-server", url, pid, classify, chat_extra={"id_slot": 1})
+def _ratios(r: dict | None) -> str:
+    if not r:
+        return ""
+    return "  ours/peer: " + ", ".join(f"{k} {v['median']:g} {v['per_repetition']}" for k, v in r.items() if v)
 
 
-def start_peer(binary: Path, model: Path, n_ctx: int, threads: int, chat_streams: int, kv_cache_type: str,
-               extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    slots = 1 + chat_streams
-    # its best configuration for this work: each slot keeps its own cache (the sentiment prefix is never
-    # evicted by chat), no host-RAM prompt cache; same KV type and flash attention as ours
-    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx * slots),
-           "-np", str(slots), "--no-kv-unified", "--cache-ram", "0", "-t", str(threads), "-fa", "on",
-           "-ctk", kv_cache_type, "-ctv", kv_cache_type, "-ngl", "0", "--no-webui", *extra_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, f"http://127.0.0.1:{port}"
+def _print(report: dict) -> None:
+    from edge.evaluation.bench_http import TARGETS
+    if "results" in report:
+        _table("sentiment under chat, decode, RSS", ("server", "texts", "p50_ms", "p90_ms", "accuracy",
+                                                     "decode_tps", "rss_peak_mb", "rss_end_mb"), report["results"])
+        if report.get("targets_met"):
+            verdicts = {True: "met", False: "MISSED", None: "n/a"}
+            click.echo("targets: " + ", ".join(f"{k} {TARGETS[k]}: {verdicts[ok]}"
+                                               for k, ok in report["targets_met"].items()))
+    cols = ("server", "aggregate_tps", "per_stream_tps_median", "ttft_p50_ms", "ttft_p90_ms", "tokens_per_stream",
+            "rss_peak_mb")
+    for row in report.get("concurrency", []):
+        _table(f"{row['streams']} concurrent stream(s), {report['chat_tokens']} tokens each", cols, _rows(row))
+        click.echo(_ratios(row.get("ratio_ours_over_peer")))
+    if "mixed" in report:
+        m = report["mixed"]
+        _table(f"mixed: {m['chat_streams']} chats + classification back to back, {m['window_s']:g} s window",
+               ("server", "chat_aggregate_tps", "classifications", "classify_p50_ms", "classify_p90_ms", "errors",
+                "rss_peak_mb"), _rows(m))
+        click.echo(_ratios(m.get("ratio_ours_over_peer")))
+    click.echo(f"load average (1/5/15 min) at start {report['load_start']}, at end {report['load_end']}; "
+               f"{report['cpu_count']} CPUs")
 
 
-def start_ours(model: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from edge.cli import main; main()", "serve", "--model", str(model),
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, f"http://127.0.0.1:{port}"
+def _write_json(path: Path, report: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
 
-
-# -- measurements ---------------------------------------------------------------------------------
-
-class RssSampler:
-    def __init__(self, pid: int | None) -> None:
-        self.pid, self.peak, self.last = pid, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-        proc = psutil.Process(self.pid)
-        while not self._stop.wait(0.1):
-            try:
-                self.last = proc.memory_info().rss
-            except psutil.Error:
-                return
-            self.peak = max(self.peak, self.last)
-
-    def __enter__(self) -> "RssSampler":
-        if self.pid:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2)
-
-
-def stream_chat(client: httpx.Client, server: Server, max_tokens: int, system: str,
-                stop: threading.Event | None = None) -> tuple[int, float]:
-    """One streamed reply; (content chunks, seconds from the first chunk to the last)."""
-    body = {"model": "any", "stream": True, "max_tokens": max_tokens, "temperature": 0,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": STORY}],
-            **server.chat_extra}
-    n, first, last = 0, None, None
-    with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if stop is not None and stop.is_set():
-                break
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
-            if (choices[0].get("delta") or {}).get("content"):
-                last = time.perf_counter()
-                first = first or last
-                n += 1
-    return n, (last - first) if first and last else 0.0
-
-
-@dataclass
-class Tally:
-    """What one server accumulated over the rounds."""
-    latencies: list[float] = field(default_factory=list)
-    decode: list[float] = field(default_factory=list)
-    correct: int = 0
-
-
-def _classify_timed(server: Server, client: httpx.Client, text: str) -> tuple[str, float]:
-    for attempt in range(2):
-        t0 = time.perf_counter()
-        try:
-            return server.classify(client, text), (time.perf_counter() - t0) * 1000
-        except httpx.RemoteProtocolError:  # an idle keep-alive connection closed by the server: once more
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
-
-
-def warm_up(server: Server, texts: list[tuple[str, str]], system: str) -> None:
-    with httpx.Client(base_url=server.url, timeout=300, headers=server.headers) as client:
-        for text, _ in texts[:5]:                                # prompt caches, first allocations
-            server.classify(client, text)
-        stream_chat(client, server, 8, system)
-
-
-def run_round(server: Server, texts: list[tuple[str, str]], chat_streams: int, chat_tokens: int, system: str,
-              tally: Tally) -> None:
-    """One chat reply alone (decode speed), then ``texts`` classified while replies stream."""
-    with httpx.Client(base_url=server.url, timeout=300, headers=server.headers) as client:
-        n, seconds = stream_chat(client, server, chat_tokens, system)
-        tally.decode.append((n - 1) / seconds if seconds > 0 else 0.0)
-        stop = threading.Event()
-
-        def chat_loop() -> None:
-            with httpx.Client(base_url=server.url, timeout=300, headers=server.headers) as c:
-                while not stop.is_set():
-                    stream_chat(c, server, 256, system, stop)
-        background = [threading.Thread(target=chat_loop, daemon=True) for _ in range(chat_streams)]
-        for t in background:
-            t.start()
-        time.sleep(0.5)                                          # the replies are streaming
-        for text, label in texts:
-            got, ms = _classify_timed(server, client, text)
-            tally.latencies.append(ms)
-            tally.correct += got == label
-        stop.set()
-        for t in background:
-            t.join(60)
-
-
-def measure(servers: list[Server], texts: list[tuple[str, str]], chat_streams: int, chat_tokens: int,
-            system: str, rounds: int) -> list[dict]:
-    """Rounds alternate between the servers, so background load on the machine hits both alike."""
-    for server in servers:
-        warm_up(server, texts, system)
-    tallies = [Tally() for _ in servers]
-    samplers = [RssSampler(s.pid).__enter__() for s in servers]
-    try:
-        chunk = -(-len(texts) // rounds)
-        for r in range(rounds):
-            part = texts[r * chunk:(r + 1) * chunk]
-            for server, tally in zip(servers, tallies):
-                run_round(server, part, chat_streams, chat_tokens, system, tally)
-    finally:
-        for sampler in samplers:
-            sampler.__exit__()
-    rows = []
-    for server, tally, rss in zip(servers, tallies, samplers):
-        q = statistics.quantiles(tally.latencies, n=10)
-        rows.append({"server": server.name, "texts": len(tally.latencies),
-                     "p50_ms": round(statistics.median(tally.latencies), 1), "p90_ms": round(q[8], 1),
-                     "accuracy": round(tally.correct / len(tally.latencies), 3),
-                     "decode_tps": round(statistics.median(tally.decode), 1),
-                     "rss_peak_mb": round(rss.peak / 1e6) if rss.peak else None,
-                     "rss_end_mb": round(rss.last / 1e6) if rss.last else None})
-    return rows
-
-
-def read_texts(path: Path, limit: int) -> list[tuple[str, str]]:
-    from edge.evaluation.datasets import read_tsv
-    return [(e.text, e.label) for e in read_tsv(path)][:limit]
-
-
-def _verdict(mine: dict, theirs: dict) -> dict:
-    return {"p50_ms": mine["p50_ms"] < theirs["p50_ms"], "p90_ms": mine["p90_ms"] < theirs["p90_ms"],
-            "decode_tps": mine["decode_tps"] >= 0.95 * theirs["decode_tps"],
-            "rss_peak_mb": None if not (mine["rss_peak_mb"] and theirs["rss_peak_mb"])
-            else mine["rss_peak_mb"] <= theirs["rss_peak_mb"]}
-
-
-def _print(rows: list[dict], verdict: dict | None) -> None:
-    cols = ("server", "texts", "p50_ms", "p90_ms", "accuracy", "decode_tps", "rss_peak_mb", "rss_end_mb")
-    click.echo(" | ".join(cols))
-    for row in rows:
-        click.echo(" | ".join(str(row.get(c)) for c in cols))
-    if verdict:
-        click.echo("targets: " + ", ".join(f"{k} {TARGETS[k]}: {'met' if ok else 'MISSED' if ok is not None else 'n/a'}"
-                                           for k, ok in verdict.items()))
-
-
-# -- command --------------------------------------------------------------------------------------
 
 @click.command("http")
 @click.option("--url", default=None, help="Running daemon to measure (default http://127.0.0.1:11434).")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Start `qwen-edge serve --model M` for the run instead of using --url.")
+              help="Start `qwen-edge serve --model M` for each turn instead of using --url "
+                   "(then the two servers are never loaded at once).")
 @click.option("--api-key", envvar="QWEN_EDGE_SERVER__API_KEY", default=None, help="Bearer key of the daemon.")
 @click.option("--peer-server", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="llama.cpp `llama-server` binary: run the same work on it, same model file.")
-@click.option("--peer-ctx", default=2048, show_default=True, help="llama-server context per slot.")
-@click.option("--threads", default=2, show_default=True, help="llama-server threads (match model.n_threads).")
+              help="llama.cpp `llama-server` binary (scripts/build_llama_server.sh): same work, same model file.")
+@click.option("--peer-ctx", type=click.IntRange(min=64), default=None,
+              help="llama-server context per slot [default: the daemon's n_ctx].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="llama-server threads [default: as the daemon resolves model.n_threads].")
 @click.option("--peer-arg", "peer_args", multiple=True, help="Extra llama-server argument (repeatable), "
               "e.g. --peer-arg=--load-mode --peer-arg=none.")
-@click.option("--texts", "texts_file", type=click.Path(exists=True, path_type=Path), default=DEFAULT_TEXTS,
-              show_default=True)
+@click.option("--texts", "texts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Labelled TSV (text<TAB>label): runs the sentiment-latency phase on its first --limit rows.")
 @click.option("--limit", default=200, show_default=True, help="Texts to classify.")
 @click.option("--chat-streams", default=1, show_default=True, help="Replies streaming during the sentiment run.")
-@click.option("--chat-tokens", default=128, show_default=True, help="Reply length for the decode-speed runs.")
-@click.option("--rounds", default=5, show_default=True, help="Rounds alternating between the servers.")
+@click.option("--chat-tokens", default=128, show_default=True, type=click.IntRange(min=2),
+              help="max_tokens of every measured reply.")
+@click.option("--rounds", default=5, show_default=True, help="Sentiment phase: rounds alternating the servers.")
+@click.option("--concurrency", callback=_counts, default=None,
+              help="Concurrent streamed replies, e.g. 1,2,4: aggregate and per-stream tok/s, TTFT.")
+@click.option("--mixed", is_flag=True, help="2 chat streams while one client classifies back to back.")
+@click.option("--window", default=30.0, show_default=True, type=click.FloatRange(min=1), help="Mixed: seconds.")
+@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Concurrency and mixed: repetitions (turns alternate between the servers).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the results here.")
-def bench_http(url: str | None, model: Path | None, api_key: str | None, peer_server: Path | None, peer_ctx: int,
-               threads: int, peer_args: tuple[str, ...], texts_file: Path, limit: int, chat_streams: int,
-               chat_tokens: int, rounds: int, json_out: Path | None) -> None:
-    """Sentiment latency under chat load, chat decode speed and RSS over HTTP; optionally vs llama-server."""
-    from edge.settings import load_settings
-    settings = load_settings()
-    system = (settings.prompts.dir / "chat" / "system.txt").read_text(encoding="utf-8").strip()
-    texts = read_texts(texts_file, limit)
-    procs: list[subprocess.Popen] = []
+              help="Also write every figure here.")
+def bench_http(url: str | None, model: Path | None, api_key: str | None, peer_server: Path | None,
+               peer_ctx: int | None, threads: int | None, peer_args: tuple[str, ...], texts_file: Path | None,
+               limit: int, chat_streams: int, chat_tokens: int, rounds: int, concurrency: tuple[int, ...],
+               mixed: bool, window: float, repeat: int, json_out: Path | None) -> None:
+    """The daemon over HTTP, optionally side by side with llama-server: sentiment latency under chat,
+    decode speed and RSS (--texts), concurrent streams (--concurrency), mixed load (--mixed)."""
+    import httpx
+
+    from edge.cli.common import friendly_errors, settings_from
+    from edge.evaluation.bench_http import HttpBenchOptions, PeerOptions, run_http_bench
+    from edge.evaluation.datasets import DatasetError, read_tsv
+    from edge.evaluation.http_servers import OursSpec, ServerError
+
+    if texts_file is None and not concurrency and not mixed:
+        raise click.UsageError("nothing to measure: give --texts FILE.tsv, --concurrency N[,N...] or --mixed")
+    settings = settings_from(None)
     try:
-        if model is not None:
-            own, url = start_ours(model)
-            procs.append(own)
-        url = (url or "http://127.0.0.1:11434").rstrip("/")
-        _wait_ready(url, procs[0] if procs else None)
-        served = httpx.get(url + "/health", timeout=10).json()["model"]
-        model_path = Path(served["path"])
-        servers = [ours(url, api_key, procs[0].pid if procs else None)]
-        if peer_server is not None:
-            proc, peer_url = start_peer(peer_server, model_path, peer_ctx, threads, chat_streams,
-                                        served["kv_cache_type"], peer_args)
-            procs.append(proc)
-            _wait_ready(peer_url, proc)
-            servers.append(peer(peer_url, proc.pid, settings.prompts.dir))
-        rows = measure(servers, texts, chat_streams, chat_tokens, system, rounds)
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(60)
-    verdict = _verdict(rows[0], rows[1]) if len(rows) == 2 else None
-    _print(rows, verdict)
+        texts = tuple((e.text, e.label) for e in read_tsv(texts_file))[:limit] if texts_file else ()
+    except DatasetError as exc:
+        raise click.ClickException(str(exc)) from None
+    opts = HttpBenchOptions(
+        ours=OursSpec(model, url, api_key),
+        peer=PeerOptions(peer_server, peer_ctx, threads, peer_args) if peer_server else None,
+        prompts_dir=settings.prompts.dir, n_threads=settings.model.n_threads,
+        chat_system=(settings.prompts.dir / "chat" / "system.txt").read_text(encoding="utf-8").strip(),
+        texts=texts, chat_streams=chat_streams, chat_tokens=chat_tokens, rounds=rounds, concurrency=concurrency,
+        mixed=mixed, mixed_window_s=window, repeat=repeat)
+    try:
+        with friendly_errors():
+            report = run_http_bench(opts)
+    except (ServerError, httpx.HTTPError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _print(report)
     if json_out is not None:
-        tmp = json_out.with_name(f".{json_out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"model": str(model_path), "results": rows, "targets_met": verdict}, indent=2))
-        os.replace(tmp, json_out)
+        _write_json(json_out, report)

@@ -11,6 +11,8 @@ from edge.cli.common import config_option, friendly_errors, model_option, open_e
 
 EMOJI = {"positive": "😄", "negative": "😞", "neutral": "😐"}
 SENTIMENT_LINE = {"zh": "{emoji} LLM 情感判断: {display}", "en": "{emoji} LLM sentiment: {display}"}
+CHAT_BANNER = "qwen-edge chat · {model} · /reset: new conversation · /exit or Ctrl-D: quit"
+CHAT_COMMANDS = {"/exit": "exit", "/quit": "exit", "/reset": "reset"}
 
 
 @click.command()
@@ -57,30 +59,46 @@ def _classify_bulk(engine, in_file: Path, out_file: Path, lang: str | None) -> N
 @click.option("--max-tokens", type=int, default=None, help="Reply length limit.")
 def chat(model_path: Path | None, config_file: Path | None, max_tokens: int | None) -> None:
     """Interactive chat: the sentiment line first, then the streamed reply. /reset, /exit."""
+    from edge.cli.terminal import enable_line_editing, interactive
     from edge.engine.types import SamplingParams
     settings = settings_from(config_file)
     engine = open_engine(settings, model_path)
     convo = engine.conversation()
-    interactive = sys.stdin.isatty()
+    tty = interactive()
+    if tty:
+        enable_line_editing()
+        click.echo(CHAT_BANNER.format(model=Path(engine.info()["path"]).name))
     params = SamplingParams(max_tokens=max_tokens)
     while True:
         try:
-            line = input("> " if interactive else "")
-        except EOFError:
+            line = input("> " if tty else "").strip()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C: quit
+            if tty:
+                click.echo()
             break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
+        command = CHAT_COMMANDS.get(line) if line.startswith("/") else None
+        if command == "exit":
             break
-        if line == "/reset":
+        if command == "reset":
             convo.reset()
             click.echo("(conversation cleared)")
-            continue
-        with friendly_errors():
-            label, reply = convo.respond(line, params)
-            click.echo(SENTIMENT_LINE[label.language].format(emoji=EMOJI.get(label.label, "🙂"), display=label.display))
-            for piece in reply:
-                click.echo(piece, nl=False)
-                sys.stdout.flush()
-            click.echo()
+        elif line.startswith("/") and command is None:
+            click.echo(f"(unknown command {line.split()[0]}: /reset starts a new conversation, /exit quits)")
+        elif line:
+            try:
+                _turn(convo, line, params)
+            except KeyboardInterrupt:  # Ctrl-C during a reply: quit, on a line of its own
+                click.echo()
+                break
+
+
+def _turn(convo, line: str, params) -> None:
+    """One turn: the sentiment line, then the reply as it streams, with the terminal's echo off."""
+    from edge.cli.terminal import echo_off
+    with friendly_errors(), echo_off():
+        label, reply = convo.respond(line, params)
+        click.echo(SENTIMENT_LINE[label.language].format(emoji=EMOJI.get(label.label, "🙂"), display=label.display))
+        for piece in reply:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()

@@ -11,7 +11,7 @@ import click
 @click.command("serve")
 @click.option("--model", "model", type=click.Path(path_type=Path), default=None,
               help="GGUF file, or a Hugging Face model folder (converted first). Default: model.path / model.dir.")
-@click.option("--host", default=None, help="Bind address (default 127.0.0.1; non-loopback needs an API key).")
+@click.option("--host", default=None, help="Bind address (default localhost: 127.0.0.1 and ::1; non-loopback needs an API key).")
 @click.option("--port", type=int, default=None, help="Port (default 11434, Ollama's).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="TOML config file (default: $QWEN_EDGE_CONFIG).")

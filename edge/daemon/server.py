@@ -5,11 +5,14 @@ Start-up order (each step can refuse with one line, before anything heavy happen
     memory plan → listen (/health says "loading") → load the model → READY=1 to systemd.
 Signals: SIGTERM/SIGINT stop accepting, let in-flight requests finish (server.drain_timeout_s),
 then exit 0; SIGHUP re-reads the config file and prompts (applied between replies).
+"localhost" (the default host) listens on 127.0.0.1 and, where the machine has it, ::1.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +33,53 @@ HOT_SERVER_FIELDS = ("queue_size", "request_timeout_s", "max_body_bytes", "max_t
                      "allowed_hosts", "drain_timeout_s", "retry_after_s")
 RESTART_FIELDS = {"server": ("host", "port", "api_key", "api_key_file", "insecure_no_key"),
                   "model": None, "memory": None}   # None: the whole section
+# bind name -> the addresses it stands for. A client told "localhost" may try ::1 first, and
+# /etc/hosts does not always give the name both addresses, so the daemon listens on both itself.
+MULTI_ADDRESS_HOSTS: dict[str, tuple[str, ...]] = {"localhost": ("127.0.0.1", "::1")}
+# bind errors meaning "this machine has no such address" (no IPv6 loopback): that address is skipped
+ABSENT_ADDRESS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT})
+
+
+def _bound(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds: restart at once
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_sockets(host: str, port: int) -> list[socket.socket] | None:
+    """Bound sockets for a host name that stands for several addresses (MULTI_ADDRESS_HOSTS); None
+    for any other host, which uvicorn binds itself. Raises OSError if the first address cannot be
+    bound, or another one for any reason but its absence from this machine."""
+    addresses = MULTI_ADDRESS_HOSTS.get(host.strip().lower())
+    if addresses is None:
+        return None
+    sockets: list[socket.socket] = []
+    try:
+        for address in addresses:
+            try:
+                sockets.append(_bound(address, port))
+            except OSError as exc:
+                if exc.errno not in ABSENT_ADDRESS or not sockets:
+                    raise OSError(exc.errno, f"{address} port {port}: {exc.strerror}") from None
+                log.info("not listening on %s: %s (no such address here)", address, exc.strerror)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def urls(host: str, port: int, sockets: list[socket.socket] | None) -> str:
+    names = [sock.getsockname()[0] for sock in sockets] if sockets else [host]
+    return " and ".join(f"http://[{n}]:{port}" if ":" in n else f"http://{n}:{port}" for n in names)
 
 
 class DaemonServer(uvicorn.Server):
@@ -41,8 +91,10 @@ class DaemonServer(uvicorn.Server):
         self.model_path = model_path
         self.notifier = notifier
         self.exit_code = 0
+        self.urls = urls(config.host, config.port, None)
 
     async def startup(self, sockets: list | None = None) -> None:
+        self.urls = urls(self.config.host, self.config.port, sockets)
         await super().startup(sockets)
         if not self.should_exit:
             threading.Thread(target=self._load, name="model-loader", daemon=True).start()
@@ -63,7 +115,7 @@ class DaemonServer(uvicorn.Server):
             self.should_exit = True
             return
         cfg = self.config
-        log.info("serving %s on http://%s:%d", self.model_path.name, cfg.host, cfg.port)
+        log.info("serving %s on %s", self.model_path.name, self.urls)
         self.notifier.ready(f"serving {self.model_path.name} on {cfg.host}:{cfg.port}")
         self.notifier.start_watchdog(lambda: self.serving.health in ("ready", "degraded"))
 
@@ -130,6 +182,11 @@ def run(settings: Settings, model: Path | None = None,
                             timeout_graceful_shutdown=int(server_cfg.drain_timeout_s) or 1, lifespan="off",
                             server_header=False)
     server = DaemonServer(config, serving, model_path, notifier)
+    try:
+        sockets = listen_sockets(server_cfg.host, server_cfg.port)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", server_cfg.host, exc.strerror)
+        return 1
     if reload_settings is not None:
         _install_sighup(serving, reload_settings)
     # uvicorn re-raises the signal that stopped it once it is done; this no-op handler makes that
@@ -137,7 +194,7 @@ def run(settings: Settings, model: Path | None = None,
     signal.signal(signal.SIGTERM, lambda *_: None)
     guard.start()
     try:
-        server.run()
+        server.run(sockets)
     finally:
         notifier.stop_watchdog()
         drained = serving.stop(drain=True, timeout=server_cfg.drain_timeout_s)
