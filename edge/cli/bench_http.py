@@ -133,7 +133,7 @@ def bench_http(url: str | None, model: Path | None, api_key: str | None, peer_se
         ours=OursSpec(model, url, api_key),
         peer=PeerOptions(peer_server, peer_ctx, threads, peer_args) if peer_server else None,
         prompts_dir=settings.prompts.dir, n_threads=settings.model.n_threads,
-        chat_system=(settings.prompts.dir / "chat" / "system.txt").read_text(encoding="utf-8").strip(),
+        chat_system=(settings.prompts.dir / "chat" / "en" / "system.txt").read_text(encoding="utf-8").strip(),
         texts=texts, chat_streams=chat_streams, chat_tokens=chat_tokens, rounds=rounds, concurrency=concurrency,
         mixed=mixed, mixed_window_s=window, repeat=repeat)
     try:

@@ -154,13 +154,13 @@ def served_model(server: Server) -> dict:
 
 def sentiment_prompt(prompts_dir: Path) -> tuple[str, str, dict[str, str], str]:
     """ChatML of our English few-shot sentiment prompt up to the text, after it, the label map, the grammar."""
-    from edge.engine.prompts import load_prompts
-    p = load_prompts(prompts_dir, neutral=False, few_shot=True).sentiment["en"]
+    from edge.engine.tasks import load_task
+    p = load_task(prompts_dir / "tasks" / "sentiment").languages["en"]
 
     def turn(role: str, text: str) -> str:
         return f"<|im_start|>{role}\n{text}<|im_end|>\n"
-    head = turn("system", p.system) + "".join(turn("user", t) + turn("assistant", p.labels[lab])
-                                              for t, lab in p.examples)
+    head = turn("system", p.system) + "".join(turn("user", t) + turn("assistant", answer)
+                                              for t, answer in p.examples)
     tail = "<|im_end|>\n<|im_start|>assistant\n"
     return head + "<|im_start|>user\n", tail, {v: k for k, v in p.labels.items()}, p.grammar
 
