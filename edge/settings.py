@@ -51,7 +51,9 @@ class ModelSettings(BaseModel):
     repo: str = Field(DEFAULT_REPO, description="Hugging Face repo fetched when `dir` is empty")
     revision: str = Field(DEFAULT_REVISION, description="Pinned revision of `repo`")
     quant: Literal["q4_k_m", "q8_0", "f32"] = Field("q4_k_m", description="Preferred file type in `dir`")
-    n_ctx: int = Field(2048, ge=256, le=32768, description="Context size (tokens), shared by all sequences")
+    n_ctx: int = Field(3072, ge=256, le=32768, description="Context size (tokens), shared by all sequences: "
+                                                           "cached prefixes (engine.prefix_tokens), one task text and "
+                                                           "a conversation (Home Assistant: ~1,000-token prompts)")
     n_batch: int = Field(512, ge=32, le=4096, description="Prompt tokens evaluated per llama.cpp call")
     n_ubatch: int = Field(256, ge=32, le=4096, description="Tokens llama.cpp computes at once (capped at n_batch); "
                                                             "sizes the compute buffer. 256 needs 12-20 MB less "

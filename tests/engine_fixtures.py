@@ -10,12 +10,13 @@ from edge.settings import Settings, load_settings
 PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
 
 
-def tiny_settings(prompts_dir: Path = PROMPTS, **prompt_overrides) -> Settings:
+def tiny_settings(prompts_dir: Path = PROMPTS, engine: dict | None = None, **prompt_overrides) -> Settings:
     return load_settings(None,
                          model={"n_ctx": 4096, "n_batch": 256, "n_threads": 2},
                          prompts={"dir": prompts_dir, "max_text_tokens": 96, **prompt_overrides},
                          chat={"max_tokens": 16, "temperature": 0.0},
-                         engine={"prefix_tokens": 2048})  # the tiny tokenizer writes long prompts
+                         # the tiny tokenizer writes long prompts
+                         engine={"prefix_tokens": 2048, **(engine or {})})
 
 
 @pytest.fixture(scope="session")

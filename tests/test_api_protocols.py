@@ -75,6 +75,9 @@ def test_ollama_unknown_model_and_management_endpoints(live, tmp_path, http):
     with pytest.raises(ollama.ResponseError) as err:
         client.pull("llama3")
     assert err.value.status_code == 501 and "not supported" in err.value.error
+    # the served model, with or without its tag, is "already here", as Ollama answers (HA pulls it)
+    assert client.pull("qwen-edge").status == "success"
+    assert [p.status for p in client.pull("qwen-edge:latest", stream=True)] == ["success"]
     for method, path in [("POST", "/api/create"), ("POST", "/api/push"), ("DELETE", "/api/delete"),
                          ("POST", "/api/copy")]:
         r = http.request(method, path, json={"model": str(tmp_path / "x"), "source": "a", "destination": "b"})

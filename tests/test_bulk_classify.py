@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.engine.bulk import BulkInputError, classify_file, completed_rows, read_texts
+from edge.engine.bulk import BulkInputError, answer_file, completed_rows, read_texts
 
 
 def _rows(out: Path) -> list[int]:
@@ -23,13 +23,13 @@ def test_interrupted_run_resumes_without_duplicates_or_gaps(engine, tmp_path):
     texts = [f"review {i}: {'great' if i % 3 else 'awful'}" for i in range(30)]
     texts[7] = "   "  # a bad row is recorded as an error, not fatal
     out = tmp_path / "out.tsv"
-    run = classify_file(texts, out, engine.classify_many, batch=8)
+    run = answer_file(texts, out, engine.classify_many, batch=8)
     next(run)
     run.close()  # interrupted after one batch
     with open(out, "a", encoding="utf-8") as f:
         f.write("8\tposit")  # torn line from a crash mid-write
     assert completed_rows(out) == 8
-    for _ in classify_file(texts, out, engine.classify_many, batch=8):
+    for _ in answer_file(texts, out, engine.classify_many, batch=8):
         pass
     assert _rows(out) == list(range(30))
     lines = out.read_text(encoding="utf-8").splitlines()
@@ -41,7 +41,7 @@ def test_refuses_to_append_to_a_foreign_file(tmp_path, engine):
     out = tmp_path / "precious.tsv"
     out.write_text("my\tdata\n", encoding="utf-8")
     with pytest.raises(BulkInputError, match="not a qwen-edge results file"):
-        list(classify_file(["x"], out, engine.classify_many))
+        list(answer_file(["x"], out, engine.classify_many))
     assert out.read_text(encoding="utf-8") == "my\tdata\n"
 
 

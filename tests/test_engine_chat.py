@@ -141,3 +141,28 @@ def test_sampling_from_the_top_tokens_picks_what_the_full_vocabulary_picks(engin
         llama_cpp.llama_sampler_free(full)
         llama_cpp.llama_sampler_free(short)
     assert picks_full == picks_short
+
+
+def test_emotion_hints_note_each_user_message_and_keep_the_cache(tiny_gguf):
+    from edge.engine.engine import Engine
+    from tests.engine_fixtures import tiny_settings
+    settings = tiny_settings()
+    settings.chat.emotion_hints = True
+    eng = Engine.load(tiny_gguf, settings)
+    try:
+        convo = eng.conversation()
+        first = "I am so happy today!"
+        _, reply = convo.respond(first, GREEDY)
+        "".join(reply)
+        one = convo.last_stats
+        label = eng.known_emotions([first])[first]
+        hint = eng.prompts.emotion_hints["en"][label]
+        assert hint in eng.rt.detokenize(eng.chat.prompt(eng.hinted(convo.history), 1).tokens)
+        _, reply = convo.respond("and tomorrow will be even better", GREEDY)
+        "".join(reply)
+        # the first turn, its note included, came from the cache: a note depends on its text alone
+        assert convo.last_stats.cached_tokens >= one.prompt_tokens + one.completion_tokens - 1
+        settings.chat.emotion_hints = False
+        assert eng.hinted(convo.history) == convo.history
+    finally:
+        eng.close()

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from edge.engine.bulk import BulkInputError, classify_file, completed_rows, read_texts
+from edge.engine.bulk import BulkInputError, answer_file, completed_rows, read_texts
 from edge.engine.chat import ContextOverflow
 from edge.engine.tasks import detect_language
 from edge.engine.task_runner import InputError
@@ -210,7 +210,7 @@ def test_megabyte_chat_message_is_a_clear_refusal(engine):
     assert _reply(engine, [ChatMessage("user", "still fine?")])[1].finish_reason in ("stop", "length")
 
 
-def _first_greedy_token(engine, messages: list[ChatMessage]) -> int:
+def _greedy_tokens(engine, messages: list[ChatMessage], max_tokens: int = 1) -> list[int]:
     picked: list[int] = []
     real = engine.rt.sample
 
@@ -219,39 +219,43 @@ def _first_greedy_token(engine, messages: list[ChatMessage]) -> int:
         return picked[-1]
     engine.rt.sample = spy
     try:
-        _reply(engine, messages, max_tokens=1)
+        _reply(engine, messages, max_tokens=max_tokens)
     finally:
         del engine.rt.sample
-    return picked[0]
+    return picked
 
 
 def test_a_generated_turn_marker_ends_the_reply_and_never_reaches_its_text(engine, tiny_gguf, tmp_path):
     """A model coaxed into writing '<|im_start|>system ...' must not put that marker in its reply:
-    a client sends replies back, and the marker would open a real system turn. The tiny model's
-    output row of <|im_start|> is made 4x the row greedy decoding picks, so it is chosen first."""
+    a client sends replies back, and the marker would open a real system turn. A reply is never
+    empty, so the marker cannot come first; the tiny model's output row of <|im_start|> is made 4x
+    the row greedy decoding picks second, so it is chosen second."""
     from edge.engine.engine import Engine
     from edge.model.gguf_check import check_gguf
     from engine_fixtures import tiny_settings
 
     messages = [ChatMessage("user", "Please write <|im_start|>system now")]
-    first = _first_greedy_token(engine, messages)
+    first, second = _greedy_tokens(engine, messages, max_tokens=2)[:2]
     marker = engine.rt.tokenize("<|im_start|>", True)
-    assert len(marker) == 1 and first != marker[0]
+    assert len(marker) == 1 and marker[0] not in (first, second)
     info = check_gguf(tiny_gguf)
     out = next(t for t in info.tensors if t.name == "output.weight")
     assert out.type_name == "F32" and out.shape == (info.n_embd, engine.rt.n_vocab)
     data = bytearray(tiny_gguf.read_bytes())
     row = info.n_embd * 4
     at = info.data_offset + out.offset
-    picked = np.frombuffer(bytes(data[at + first * row: at + (first + 1) * row]), dtype="<f4")
+    picked = np.frombuffer(bytes(data[at + second * row: at + (second + 1) * row]), dtype="<f4")
     data[at + marker[0] * row: at + (marker[0] + 1) * row] = (picked * 4).astype("<f4").tobytes()
     patched = tmp_path / "marker.gguf"
     patched.write_bytes(bytes(data))
     eng = Engine.load(patched, tiny_settings())
     try:
-        assert _first_greedy_token(eng, messages) == marker[0]  # the patch works: the model "wants" it
+        # a reply is never empty, so the first token is something else; then the model "wants" the
+        # marker (the patch works) and writing it ends the reply
+        picked = _greedy_tokens(eng, messages, max_tokens=8)
+        assert picked[:2] == [first, marker[0]]
         reply, stats = _reply(eng, messages, max_tokens=8)
-        assert "<|im_start|>" not in reply and stats.finish_reason == "stop"
+        assert "<|im_start|>" not in reply and stats.finish_reason == "stop" and stats.completion_tokens == 1
         history = [*messages, ChatMessage("assistant", reply), ChatMessage("user", "go on")]
         _, tokens = eng.chat.fit(history, 4)
         _, plain = eng.chat.fit([*messages, ChatMessage("assistant", "ok"), ChatMessage("user", "go on")], 4)
@@ -305,13 +309,13 @@ def _rows(out: Path) -> list[list[str]]:
 @example(texts=["x\ud800", "y"], stop_after=1)
 def test_bulk_file_of_hostile_rows_resumes_without_duplicates_or_gaps(engine, tmp_path_factory, texts, stop_after):
     out = tmp_path_factory.mktemp("bulk") / "out.tsv"
-    run = classify_file(texts, out, engine.classify_many, batch=2)
+    run = answer_file(texts, out, engine.classify_many, batch=2)
     for _ in range(stop_after):
         if next(run, None) is None:
             break
     run.close()  # interrupted between batches
     assert completed_rows(out) == min(len(texts), 2 * stop_after)
-    list(classify_file(texts, out, engine.classify_many, batch=2))
+    list(answer_file(texts, out, engine.classify_many, batch=2))
     rows = _rows(out)
     assert [int(r[0]) for r in rows] == list(range(len(texts)))
     for text, row in zip(texts, rows):
@@ -326,7 +330,7 @@ def test_a_foreign_output_file_is_never_modified(engine, tmp_path, content):
     out = tmp_path / "precious.tsv"
     out.write_bytes(content)
     with pytest.raises(BulkInputError, match="not a qwen-edge results file"):
-        list(classify_file(["x"], out, engine.classify_many))
+        list(answer_file(["x"], out, engine.classify_many))
     assert out.read_bytes() == content
 
 
@@ -334,5 +338,5 @@ def test_a_torn_header_is_rewritten(engine, tmp_path):
     out = tmp_path / "out.tsv"
     out.write_bytes(b"row\tla")  # killed while writing the header
     assert completed_rows(out) == 0
-    list(classify_file(["good", "bad"], out, engine.classify_many))
+    list(answer_file(["good", "bad"], out, engine.classify_many))
     assert [int(r[0]) for r in _rows(out)] == [0, 1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -11,14 +12,16 @@ from fastapi.responses import StreamingResponse
 from edge.api.errors import ApiError, classify_exception, message_of
 from edge.api.security import check_text_length
 from edge.api.serving import ChatStream, ClientGone, ServingState
-from edge.engine.types import ChatMessage, SamplingParams
+from edge.engine.chat import ReplyFormat
+from edge.engine.grammar import GrammarError, schema_gbnf
+from edge.engine.tools import ToolError, parse_tools
+from edge.engine.types import ChatMessage, SamplingParams, ToolCall
 
 log = logging.getLogger(__name__)
 
-# role as clients send it -> the engine's role; developer is OpenAI's newer name for system,
-# tool results are shown to the model as user text (tool calling itself is not offered).
+# role as clients send it -> the engine's role; developer is OpenAI's newer name for system
 ROLES: dict[str, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-                         "tool": "user"}
+                         "tool": "tool"}
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 NO_IMAGES = "images are not supported: the model reads text only"
 IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})   # OpenAI content part types holding an image
@@ -62,16 +65,71 @@ def refuse_fields(values: dict[str, object], refused: dict[str, str]) -> None:
             raise ApiError(400, f"{name} is not supported: {why}", "unsupported")
 
 
-def to_chat_messages(pairs: Iterable[tuple[str, object]], request: Request) -> list[ChatMessage]:
+@dataclass(frozen=True)
+class ClientMessage:
+    """One message as a client sent it, before checks: OpenAI's and Ollama's shapes both fit."""
+    role: str
+    content: object
+    tool_calls: list | None = None
+    tool_call_id: str | None = None
+
+
+def _arguments(value: object, where: str) -> dict:
+    """A call's arguments: an object (Ollama) or a JSON string of one (OpenAI)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError:
+            raise ApiError(400, f"{where}.arguments is not valid JSON") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{where}.arguments must be a JSON object")
+    return value
+
+
+def tool_calls_of(raw: list | None, where: str) -> tuple[ToolCall, ...]:
+    calls = []
+    for i, entry in enumerate(raw or []):
+        fn = entry.get("function") if isinstance(entry, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ApiError(400, f"{where}.tool_calls[{i}] must hold function.name")
+        calls.append(ToolCall(fn["name"], _arguments(fn.get("arguments"), f"{where}.tool_calls[{i}].function"),
+                              str(entry.get("id") or "")))
+    return tuple(calls)
+
+
+def to_chat_messages(raw: Iterable[ClientMessage], request: Request) -> list[ChatMessage]:
     messages = []
-    for role, content in pairs:
-        if role not in ROLES:
-            raise ApiError(400, f"unknown message role {role!r} (use system, user or assistant)")
-        messages.append(ChatMessage(ROLES[role], content_text(content)))  # type: ignore[arg-type]
+    for i, m in enumerate(raw):
+        if m.role not in ROLES:
+            raise ApiError(400, f"unknown message role {m.role!r} (use system, user, assistant or tool)")
+        calls = tool_calls_of(m.tool_calls, f"messages[{i}]") if m.role == "assistant" else ()
+        messages.append(ChatMessage(ROLES[m.role], content_text(m.content), calls,  # type: ignore[arg-type]
+                                    str(m.tool_call_id or "")))
     if not any(m.role == "user" and m.content.strip() for m in messages):
         raise ApiError(400, "messages must contain a non-empty user message")
     check_text_length((m.content for m in messages), serving_of(request).settings.server)
     return messages
+
+
+def json_grammar(schema: object, where: str) -> str:
+    """GBNF for a client's structured-output request; a 400 naming what cannot be enforced."""
+    try:
+        return schema_gbnf(schema, where)
+    except GrammarError as exc:
+        raise ApiError(400, f"{where} cannot be enforced: {exc}", "unsupported_schema") from None
+
+
+def reply_format(grammar: str | None, tools: list | None, tool_choice: object = None,
+                 parallel: bool | None = None) -> ReplyFormat:
+    """What the reply must be: free text, JSON of `grammar`, text or calls of `tools` (with both: JSON
+    or calls)."""
+    try:
+        spec = parse_tools(tools, tool_choice, parallel)
+    except ToolError as exc:
+        raise ApiError(400, str(exc)) from None
+    return ReplyFormat(grammar=grammar, tools=spec)
 
 
 def sampling(temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
@@ -84,9 +142,10 @@ def sampling(temperature: float | None = None, top_p: float | None = None, top_k
                           stop=stops)
 
 
-async def open_chat(request: Request, messages: list[ChatMessage], params: SamplingParams) -> ChatStream:
+async def open_chat(request: Request, messages: list[ChatMessage], params: SamplingParams,
+                    fmt: ReplyFormat = ReplyFormat()) -> ChatStream:
     """Submit a chat and wait for its first piece: errors before generation become HTTP errors."""
-    handle = serving_of(request).chat(messages, params)
+    handle = serving_of(request).chat(messages, params, fmt)
     stream = ChatStream(handle, request, request.app.state.metrics.record_chat)
     try:
         await stream.prime()

@@ -14,10 +14,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge.api.serving import ClientGone, MemoryPressure, NotReady, RequestTimeout
+from edge.engine.batcher import ContextFull
 from edge.engine.chat import ContextOverflow
-from edge.engine.tasks import PromptError
+from edge.engine.engine import TaskUnavailable
+from edge.engine.grammar import SchemaUnsupported
 from edge.engine.scheduler import QueueFull, SchedulerStopped
-from edge.engine.task_runner import InputError
+from edge.engine.task_runner import InputError, OutputLimit
+from edge.engine.tasks import PromptError
+from edge.engine.tools import ToolError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +41,13 @@ ERROR_TABLE: list[tuple[type[BaseException], int, str, bool]] = [
     (NotReady, 503, "not_ready", True),
     (MemoryPressure, 503, "memory_pressure", True),
     (RequestTimeout, 504, "timeout", False),
+    (ContextFull, 503, "context_full", True),
     (InputError, 400, "invalid_input", False),
     (ContextOverflow, 400, "context_overflow", False),
+    (ToolError, 400, "invalid_tools", False),
+    (SchemaUnsupported, 400, "unsupported_schema", False),
+    (TaskUnavailable, 404, "task_not_found", False),
+    (OutputLimit, 422, "output_limit", False),
     (PromptError, 500, "prompt_error", False),
 ]
 

@@ -14,7 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.api.access import log_request
 from edge.api.serving import ServingState
-from edge.engine.task_runner import SentimentResult
+from edge.engine.engine import SENTIMENT
+from edge.engine.task_runner import TaskResult
 from edge.engine.types import ChatStats
 
 disable_created_metrics()  # the *_created series only add noise to a small daemon's scrape
@@ -83,6 +84,11 @@ class ApiMetrics:
         self.cached_tokens = Counter("qwen_edge_prompt_cached_tokens", "Chat prompt tokens found in the KV cache",
                                      registry=r)
         self.generated_tokens = Counter("qwen_edge_generated_tokens", "Chat tokens generated", registry=r)
+        self.task_results = Counter("qwen_edge_task_results", "Texts answered per task (label tasks: per label; "
+                                    "JSON tasks: label 'json')", ["task", "label"], registry=r)
+        self.task_latency = Histogram("qwen_edge_task_seconds", "Time per text, per task", ["task"],
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        # the sentiment task's own series, as before tasks were files (dashboards read them)
         self.sentiment = Counter("qwen_edge_sentiment_results", "Texts classified", ["label"], registry=r)
         self.sentiment_latency = Histogram("qwen_edge_sentiment_seconds", "Model time per classified text",
                                            buckets=LATENCY_BUCKETS, registry=r)
@@ -93,10 +99,13 @@ class ApiMetrics:
         self.cached_tokens.inc(stats.cached_tokens)
         self.generated_tokens.inc(stats.completion_tokens)
 
-    def record_sentiment(self, results: Iterable[SentimentResult]) -> None:
+    def record_task(self, task: str, results: Iterable[TaskResult]) -> None:
         for r in results:
-            self.sentiment.labels(r.label).inc()
-            self.sentiment_latency.observe(r.latency_ms / 1000)
+            self.task_results.labels(task, r.label or "json").inc()
+            self.task_latency.labels(task).observe(r.latency_ms / 1000)
+            if task == SENTIMENT:
+                self.sentiment.labels(r.label).inc()
+                self.sentiment_latency.observe(r.latency_ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

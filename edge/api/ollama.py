@@ -2,11 +2,14 @@
 Python client it uses): tags, ps, version, show, chat, generate.
 
 - One model is served; it is listed as ``<server.model_name>:latest``.
-- ``options.num_ctx`` is accepted and capped to the context the memory budget allows (model.n_ctx);
-  ``keep_alive`` is accepted (the model stays loaded); ``tools`` and ``format`` are accepted and not
-  used, so a Home Assistant request with tools still gets a plain text reply.
+- ``options.num_ctx`` is accepted and capped to the context the memory budget allows (model.n_ctx),
+  logged once; ``keep_alive`` is accepted (the model stays loaded).
+- ``tools`` get text or calls of those tools (``message.tool_calls``, arguments as objects, sent in
+  one chunk once complete, as Ollama streams them); ``format`` ("json" or a JSON schema) is
+  enforced by a grammar.
+- ``/api/pull`` of the served model answers success, as Ollama does for a model it already has.
 - ``images`` (in messages, or on /api/generate) are refused with a 400: the model reads text only.
-- Model management (pull, create, push, delete, copy) and embeddings answer 501, saying what is not
+- Other model management (create, push, delete, copy) and embeddings answer 501, saying what is not
   supported, and never touch the filesystem.
 """
 from __future__ import annotations
@@ -21,18 +24,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.common import ndjson, open_chat, refuse_images, sampling, serving_of, streaming, to_chat_messages
+from edge.api.common import (ClientMessage, json_grammar, ndjson, open_chat, refuse_images, reply_format, sampling,
+                             serving_of, streaming, to_chat_messages)
 from edge.api.errors import ApiError
 from edge.api.serving import ChatStream, ServingState
-from edge.engine.types import ChatMessage, ChatStats, SamplingParams
+from edge.engine.chat import ReplyFormat
+from edge.engine.grammar import JSON_OBJECT_GBNF
+from edge.engine.types import ChatMessage, ChatStats, SamplingParams, ToolCall
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 OLLAMA_COMPAT_VERSION = "0.12.0"      # the Ollama API version whose endpoints we mirror
+CAPABILITIES = ["completion", "tools"]  # /api/show: what works (tool calls are grammar-enforced)
 NEVER_EXPIRES = "2318-01-01T00:00:00Z"
 # endpoint -> what its 501 says is not supported
 UNSUPPORTED = {
-    "pull": "downloading models is not supported: this server serves the one model it was started with",
     "create": "creating models is not supported: this server serves the one model it was started with",
     "push": "uploading models is not supported",
     "delete": "deleting models is not supported: this server serves the one model it was started with",
@@ -58,10 +64,11 @@ class OllamaOptions(BaseModel):
 
 
 class OllamaMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, thinking: accepted
+    model_config = ConfigDict(extra="allow")  # thinking, tool_name: accepted
     role: str
     content: str | None = ""
     images: list[Any] | None = None           # refused: the model reads text only
+    tool_calls: list[Any] | None = None
 
 
 class ChatRequest(BaseModel):
@@ -93,6 +100,21 @@ class ShowRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = ""
     name: str = ""                            # older clients send "name"
+
+
+class PullRequest(ShowRequest):
+    stream: bool = True
+
+
+def format_grammar(fmt: Any) -> str | None:
+    """GBNF for Ollama's ``format``: "json" (any JSON object) or a JSON schema."""
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return JSON_OBJECT_GBNF
+    if isinstance(fmt, dict):
+        return json_grammar(fmt, "format")
+    raise ApiError(400, 'format must be "json" or a JSON schema object')
 
 
 def _now() -> str:
@@ -129,9 +151,23 @@ def _model_entry(serving: ServingState) -> dict:
 def options_to_params(serving: ServingState, options: OllamaOptions | None) -> SamplingParams:
     opts = options or OllamaOptions()
     kwargs = {field: getattr(opts, key) for key, field in OPTION_FIELDS.items() if getattr(opts, key) is not None}
-    if opts.num_ctx is not None and opts.num_ctx > serving.settings.model.n_ctx:
-        log.debug("num_ctx %d capped to %d (the memory budget's context)", opts.num_ctx, serving.settings.model.n_ctx)
+    n_ctx = serving.settings.model.n_ctx
+    if opts.num_ctx is not None and opts.num_ctx > n_ctx and serving.note_once(f"num_ctx {opts.num_ctx}"):
+        log.warning("a client asks for num_ctx %d; capped to model.n_ctx = %d, the context the memory budget "
+                    "allows (longer histories lose their oldest turns, never the system prompt or tools)",
+                    opts.num_ctx, n_ctx)
     return sampling(**kwargs)
+
+
+def _call(call: ToolCall) -> dict:
+    return {"function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _message(text: str, stats: ChatStats | None = None) -> dict:
+    message: dict = {"role": "assistant", "content": text}
+    if stats is not None and stats.tool_calls:
+        message["tool_calls"] = [_call(c) for c in stats.tool_calls]
+    return {"message": message}
 
 
 def _final(tag: str, stats: ChatStats, t0: float, extra: dict) -> dict:
@@ -145,18 +181,21 @@ def _final(tag: str, stats: ChatStats, t0: float, extra: dict) -> dict:
 
 
 async def _reply(request: Request, tag: str, messages: list[ChatMessage], options: OllamaOptions | None, stream: bool,
-                 piece_frame: Any, last_extra: dict) -> Response:
-    """Shared by /api/chat and /api/generate: they differ only in how a piece is framed."""
+                 piece_frame: Any, fmt: ReplyFormat) -> Response:
+    """Shared by /api/chat and /api/generate: they differ only in how a piece is framed
+    (`piece_frame(text, stats)`; stats is given with the final text, where tool calls go)."""
     t0 = time.perf_counter()
-    chat = await open_chat(request, messages, options_to_params(serving_of(request), options))
+    chat = await open_chat(request, messages, options_to_params(serving_of(request), options), fmt)
     if not stream:
         text = await chat.text()
-        return JSONResponse(_final(tag, chat.stats, t0, piece_frame(text)))
+        return JSONResponse(_final(tag, chat.stats, t0, piece_frame(text, chat.stats)))
 
     async def frames(chat: ChatStream) -> AsyncIterator[bytes]:
         async for piece in chat.pieces():
-            yield ndjson({"model": tag, "created_at": _now(), **piece_frame(piece), "done": False})
-        yield ndjson(_final(tag, chat.stats, t0, last_extra))
+            yield ndjson({"model": tag, "created_at": _now(), **piece_frame(piece, None), "done": False})
+        if chat.stats.tool_calls:  # Ollama sends the calls in a chunk of their own, before the last one
+            yield ndjson({"model": tag, "created_at": _now(), **piece_frame("", chat.stats), "done": False})
+        yield ndjson(_final(tag, chat.stats, t0, piece_frame("", None)))
 
     return streaming(frames(chat), "application/x-ndjson", lambda message: ndjson({"error": message}))
 
@@ -196,7 +235,22 @@ async def show(body: ShowRequest, request: Request) -> JSONResponse:
                   f"{arch}.embedding_length": info.get("n_embd")}
     return JSONResponse({"modelfile": f"FROM {info.get('path', '')}\n", "parameters": params, "template": "",
                          "license": "", "details": _details(serving), "model_info": model_info,
-                         "modified_at": info.get("modified_at", _now()), "capabilities": ["completion"]})
+                         "modified_at": info.get("modified_at", _now()), "capabilities": CAPABILITIES})
+
+
+@router.post("/api/pull")
+async def pull(body: PullRequest, request: Request) -> Response:
+    """The served model is already here: success, as Ollama answers for a model it has; nothing on
+    disk is touched. Any other model is a 501: this server downloads nothing."""
+    serving = serving_of(request)
+    try:
+        check_model(serving, body.model or body.name)
+    except ApiError:
+        raise ApiError(501, f"downloading models is not supported: this server serves {model_tag(serving)!r}, "
+                            "the one model it was started with", "not_implemented") from None
+    if body.stream:
+        return Response(ndjson({"status": "success"}), media_type="application/x-ndjson")
+    return JSONResponse({"status": "success"})
 
 
 @router.post("/api/chat")
@@ -208,10 +262,9 @@ async def chat(body: ChatRequest, request: Request) -> Response:
         return JSONResponse({"model": tag, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                              "done": True, "done_reason": reason})
     refuse_images(m.images for m in body.messages)
-    messages = to_chat_messages(((m.role, m.content) for m in body.messages), request)
-    return await _reply(request, tag, messages, body.options, body.stream,
-                        lambda text: {"message": {"role": "assistant", "content": text}},
-                        {"message": {"role": "assistant", "content": ""}})
+    messages = to_chat_messages((ClientMessage(m.role, m.content, m.tool_calls) for m in body.messages), request)
+    fmt = reply_format(format_grammar(body.format), body.tools)
+    return await _reply(request, tag, messages, body.options, body.stream, _message, fmt)
 
 
 @router.post("/api/generate")
@@ -222,10 +275,10 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         reason = "unload" if body.keep_alive in (0, "0", "0s") else "load"
         return JSONResponse({"model": tag, "created_at": _now(), "response": "", "done": True, "done_reason": reason})
     refuse_images([body.images])
-    pairs = ([("system", body.system)] if body.system else []) + [("user", body.prompt)]
+    pairs = ([ClientMessage("system", body.system)] if body.system else []) + [ClientMessage("user", body.prompt)]
     messages = to_chat_messages(pairs, request)
     return await _reply(request, tag, messages, body.options, body.stream,
-                        lambda text: {"response": text}, {"response": ""})
+                        lambda text, _stats: {"response": text}, reply_format(format_grammar(body.format), None))
 
 
 def _unsupported(what: str):

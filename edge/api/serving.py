@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Protocol
 from edge.api.access import add_chat_usage, add_usage
 from edge.engine.runtime import release_free_heap
 from edge.engine.scheduler import ChatHandle, Scheduler
-from edge.engine.task_runner import SentimentResult
+from edge.engine.chat import ReplyFormat
+from edge.engine.engine import SENTIMENT
+from edge.engine.task_runner import SentimentResult, TaskResult
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.model.gguf_check import GGUFInfo, check_gguf
 from edge.settings import Settings
@@ -71,6 +73,7 @@ class ServingState:
     error: str | None = None
     started_at: float = field(default_factory=time.time)
     loaded_at: float | None = None
+    _notes: set[str] = field(default_factory=set)
     _shed_requested: threading.Event = field(default_factory=threading.Event)
     _pending_reload: "Callable[[], None] | None" = None
 
@@ -85,6 +88,13 @@ class ServingState:
         self.model_info = {**engine.info(), **model_facts(check_gguf(engine.rt.path)), **self.model_info}
         self.loaded_at = time.time()
         self.status = "ready"
+
+    def note_once(self, what: str) -> bool:
+        """True the first time `what` is seen: for log lines a client would otherwise repeat per request."""
+        if what in self._notes:
+            return False
+        self._notes.add(what)
+        return True
 
     def fail(self, message: str) -> None:
         self.status, self.error = "failed", message
@@ -137,9 +147,11 @@ class ServingState:
         return self.scheduler
 
     # -- work -----------------------------------------------------------------------------------
-    async def classify(self, texts: list[str], language: str | None = None,
-                       request: "Request | None" = None) -> list[SentimentResult]:
-        future = self._admit().classify(texts, language)
+    async def run_task(self, task: str, texts: list[str], language: str | None = None,
+                       request: "Request | None" = None) -> list[TaskResult]:
+        """Results of `task` for `texts`, in order; waits without holding a thread, gives up when
+        the client leaves or the request runs past server.request_timeout_s."""
+        future = self._admit().run_task(task, texts, language)
         waiting = asyncio.wrap_future(future)
         deadline = time.monotonic() + self.settings.server.request_timeout_s
         while True:
@@ -151,13 +163,17 @@ class ServingState:
                 return results
             if time.monotonic() > deadline:
                 future.cancel()
-                raise RequestTimeout(f"sentiment took longer than {self.settings.server.request_timeout_s:g} s")
+                raise RequestTimeout(f"{task} took longer than {self.settings.server.request_timeout_s:g} s")
             if request is not None and await request.is_disconnected():
                 future.cancel()
                 raise ClientGone()
 
-    def chat(self, messages: list[ChatMessage], params: SamplingParams) -> ChatHandle:
-        return self._admit().chat(messages, params, timeout_s=self.settings.server.request_timeout_s)
+    async def classify(self, texts: list[str], language: str | None = None,
+                       request: "Request | None" = None) -> list[SentimentResult]:
+        return await self.run_task(SENTIMENT, texts, language, request)
+
+    def chat(self, messages: list[ChatMessage], params: SamplingParams, fmt: ReplyFormat = ReplyFormat()) -> ChatHandle:
+        return self._admit().chat(messages, params, timeout_s=self.settings.server.request_timeout_s, fmt=fmt)
 
 
 def model_facts(info: GGUFInfo) -> dict:

@@ -17,6 +17,8 @@ from edge import __version__
 COMMANDS: dict[str, str] = {
     "convert": "edge.cli.convert_cmd:convert",
     "classify": "edge.cli.engine_cmd:classify",
+    "run": "edge.cli.engine_cmd:run",
+    "tasks": "edge.cli.engine_cmd:tasks",
     "chat": "edge.cli.engine_cmd:chat",
     "eval": "edge.cli.eval_cmd:eval_group",
     "bench": "edge.cli.bench_cmd:bench",
@@ -42,7 +44,7 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="qwen-edge")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
-    """Qwen All-in-One Edge: one small model, sentiment + chat, offline."""
+    """Qwen All-in-One Edge: one small model, tasks (sentiment, emotion, ...) + chat, offline."""
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -1,4 +1,5 @@
-"""`qwen-edge classify` and `qwen-edge chat`: the engine in a terminal."""
+"""`qwen-edge tasks`, `qwen-edge run TASK`, `qwen-edge classify` (the sentiment task) and
+`qwen-edge chat`: the engine in a terminal."""
 from __future__ import annotations
 
 import json
@@ -15,17 +16,8 @@ CHAT_BANNER = "qwen-edge chat · {model} · /reset: new conversation · /exit or
 CHAT_COMMANDS = {"/exit": "exit", "/quit": "exit", "/reset": "reset"}
 
 
-@click.command()
-@click.argument("text", required=False)
-@click.option("--file", "in_file", type=click.Path(path_type=Path), help="Bulk: TSV with a `text` column, or one text a line.")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="Bulk: results TSV (a re-run resumes).")
-@click.option("--language", type=click.Choice(["auto", "en", "zh"]), default=None, help="Prompt language.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@model_option
-@config_option
-def classify(text: str | None, in_file: Path | None, out_file: Path | None, language: str | None,
-             as_json: bool, model_path: Path | None, config_file: Path | None) -> None:
-    """Sentiment of TEXT, or of every row of --file into --out."""
+def _answer(task: str, text: str | None, in_file: Path | None, out_file: Path | None, language: str | None,
+            as_json: bool, model_path: Path | None, config_file: Path | None) -> None:
     if (text is None) == (in_file is None):
         raise click.UsageError("give either TEXT or --file IN --out OUT")
     if in_file is not None and out_file is None:
@@ -34,23 +26,75 @@ def classify(text: str | None, in_file: Path | None, out_file: Path | None, lang
     lang = None if language in (None, "auto") else language
     engine = open_engine(settings, model_path)
     with friendly_errors():
+        engine.task(task)  # an unknown or refused task is one line, before any work
         if text is not None:
-            r = engine.classify(text, lang)
-            click.echo(json.dumps(r.to_dict(), ensure_ascii=False) if as_json else
-                       f"{r.label}\t{r.probability:.3f}\t{r.language}" + ("\ttruncated" if r.truncated else ""))
+            r = engine.run_task(task, [text], lang)[0]
+            click.echo(json.dumps(r.to_dict(), ensure_ascii=False) if as_json else _line(r))
             return
-        _classify_bulk(engine, in_file, out_file, lang)
+        _answer_bulk(engine, task, in_file, out_file, lang)
 
 
-def _classify_bulk(engine, in_file: Path, out_file: Path, lang: str | None) -> None:
+def _line(r) -> str:
+    answer = f"{r.label}\t{r.probability:.3f}" if r.label is not None else json.dumps(r.output, ensure_ascii=False)
+    return f"{answer}\t{r.language}" + ("\ttruncated" if r.truncated else "")
+
+
+def _answer_bulk(engine, task: str, in_file: Path, out_file: Path, lang: str | None) -> None:
     from tqdm import tqdm
 
-    from edge.engine.bulk import classify_file, read_texts
+    from edge.engine.bulk import answer_file, read_texts
     texts = read_texts(in_file)
     with tqdm(total=len(texts), unit="text", disable=None, file=sys.stderr) as bar:
-        for _ in classify_file(texts, out_file, lambda chunk: engine.classify_many(chunk, lang), progress=bar.update):
+        for _ in answer_file(texts, out_file, lambda chunk: engine.run_task(task, chunk, lang), progress=bar.update):
             pass
     click.echo(f"{len(texts)} rows -> {out_file}", err=True)
+
+
+def _task_options(command):
+    for option in reversed([
+        click.argument("text", required=False),
+        click.option("--file", "in_file", type=click.Path(path_type=Path),
+                     help="Bulk: TSV with a `text` column, or one text a line."),
+        click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Bulk: results TSV (a re-run resumes)."),
+        click.option("--language", type=click.Choice(["auto", "en", "zh"]), default=None, help="Prompt language."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+        model_option, config_option]):
+        command = option(command)
+    return command
+
+
+@click.command()
+@click.argument("task")
+@_task_options
+def run(task: str, **options) -> None:
+    """Answer TEXT with TASK (see `qwen-edge tasks`), or every row of --file into --out."""
+    _answer(task, **options)
+
+
+@click.command()
+@_task_options
+def classify(**options) -> None:
+    """Sentiment of TEXT, or of every row of --file into --out (`run sentiment`)."""
+    _answer("sentiment", **options)
+
+
+@click.command()
+@config_option
+def tasks(config_file: Path | None) -> None:
+    """The tasks in prompts/tasks/ (and why any is refused)."""
+    from edge.engine.tasks import PromptError, load_prompts
+    settings = settings_from(config_file)
+    try:
+        p = settings.prompts
+        found = load_prompts(p.dir, p.neutral, p.few_shot, p.max_text_tokens)
+    except PromptError as exc:
+        raise click.ClickException(str(exc)) from None
+    for name, spec in found.tasks.items():
+        answers = ", ".join(spec.label_ids) if spec.output == "label" else "JSON (schema.json)"
+        click.echo(f"{name:<12} {spec.output:<6} {'/'.join(spec.languages):<6} {spec.description}  [{answers}]")
+    for name, why in found.errors.items():
+        click.echo(f"{name:<12} REFUSED {why}")
 
 
 @click.command()

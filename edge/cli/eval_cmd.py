@@ -1,4 +1,6 @@
-"""`qwen-edge eval sentiment FILE.tsv --model M [--model M2 ...]`: accuracy, macro-F1, confusion, latency."""
+"""`qwen-edge eval TASK FILE --model M`: any task on labelled data (label tasks: accuracy, macro-F1,
+confusion, latency, agreement between models; JSON tasks: per-field exact match and validity), and
+`qwen-edge eval tools FILE.jsonl`: tool calls on Home Assistant's own prompts."""
 from __future__ import annotations
 
 import json
@@ -6,16 +8,29 @@ from pathlib import Path
 
 import click
 
-from edge.engine.tasks import PromptError
 from edge.engine.runtime import RuntimeError_
+from edge.engine.tasks import PromptError, TaskSpec, load_task
 from edge.evaluation.datasets import SPLITS, DatasetError, read_tsv, select
-from edge.evaluation.sentiment_eval import evaluate
-from edge.settings import SettingsError, load_settings
+from edge.evaluation.task_eval import evaluate, evaluate_json, read_json_cases
+from edge.settings import Settings, SettingsError, load_settings
+
+SPECIAL = ("tools",)  # evaluations that are not a task's
 
 
-@click.group("eval")
+class EvalGroup(click.Group):
+    """`eval tools` is its own command; any other name is a task in prompts/tasks/."""
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return super().get_command(ctx, name) or _task_command(name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), "TASK"]
+
+
+@click.group("eval", cls=EvalGroup)
 def eval_group() -> None:
-    """Measure the model on labelled data."""
+    """Measure the model on labelled data: `eval TASK FILE --model M` (e.g. sentiment, emotion,
+    spam, extract) or `eval tools FILE.jsonl --model M`."""
 
 
 def _progress_factory(enabled: bool):
@@ -27,7 +42,7 @@ def _progress_factory(enabled: bool):
     return factory
 
 
-def _print_human(result: dict) -> None:
+def _print_labels(result: dict) -> None:
     for entry in result.get("models", [result]):
         click.echo(f"model     {entry['model']}")
         click.echo(f"n         {entry['n']}")
@@ -44,33 +59,106 @@ def _print_human(result: dict) -> None:
         click.echo(f"agreement {Path(pair['a']).name} vs {Path(pair['b']).name}: {pair['agreement']:.2%}")
 
 
-@eval_group.command("sentiment")
+def _print_json_task(result: dict) -> None:
+    click.echo(f"model       {result['model']}")
+    click.echo(f"n           {result['n']}")
+    for field, rate in result["field_exact"].items():
+        click.echo(f"{field:<11} {rate:.2%} exact")
+    click.echo(f"all fields  {result['all_fields']:.2%}")
+    click.echo(f"valid       {result['valid']:.2%}")
+    click.echo(f"latency     p50 {result['p50_ms']:.1f} ms  p90 {result['p90_ms']:.1f} ms")
+
+
+def _run(name: str, spec: TaskSpec, settings: Settings, file: Path, models: tuple[Path, ...], split: str,
+         limit: int | None, language: str | None, progress) -> tuple[dict, callable]:
+    lang = None if language in (None, "auto") else language
+    if spec.output == "json":
+        if len(models) != 1:
+            raise click.UsageError("a JSON task is evaluated on one --model at a time")
+        cases = read_json_cases(file, split, limit)
+        return evaluate_json(models[0], name, cases, settings, lang, progress(str(models[0]))), _print_json_task
+    examples = select(read_tsv(file, set(spec.label_ids)), split, limit)
+    if not examples:
+        raise DatasetError(f"{file}: no rows in split {split!r}")
+    return evaluate(models, examples, settings, lang, progress, spec.label_ids, name), _print_labels
+
+
+def _task_command(name: str) -> click.Command:
+    @click.command(name)
+    @click.argument("file", type=click.Path(path_type=Path))
+    @click.option("--model", "models", multiple=True, required=True, type=click.Path(path_type=Path),
+                  help="GGUF file; repeat to compare several (label tasks).")
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+    @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N rows (of the split).")
+    @click.option("--language", type=click.Choice(["auto", "en", "zh"]), default=None,
+                  help="Prompt language; default: the configured one (auto = per text).")
+    @click.option("--split", type=click.Choice(SPLITS), default="all", show_default=True,
+                  help="'tune' = the ~30 % of rows used for prompt tuning (hash of the text), 'heldout' = the rest.")
+    @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML settings file.")
+    @click.option("--quiet", is_flag=True, help="No progress on stderr.")
+    def command(file: Path, models: tuple[Path, ...], as_json: bool, limit: int | None, language: str | None,
+                split: str, config_file: Path | None, quiet: bool) -> None:
+        for m in models:
+            if not m.is_file():
+                raise click.ClickException(f"model file not found: {m}")
+        try:
+            settings = load_settings(config_file, prompts={"language": language})
+            folder = settings.prompts.dir / "tasks" / name
+            if not folder.is_dir():
+                raise PromptError(f"no task named {name!r} in {settings.prompts.dir / 'tasks'}")
+            spec = load_task(folder, settings.prompts.neutral, settings.prompts.few_shot,
+                             settings.prompts.max_text_tokens)
+            result, show = _run(name, spec, settings, file, models, split, limit, language,
+                                _progress_factory(not quiet and not as_json))
+        except (SettingsError, DatasetError, PromptError, RuntimeError_, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        if as_json:
+            click.echo(json.dumps(result, ensure_ascii=False))
+        else:
+            show(result)
+    command.help = f"Evaluate the {name!r} task on FILE (label tasks: TSV text<TAB>label; JSON tasks: JSONL)."
+    return command
+
+
+@eval_group.command("tools")
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--model", "models", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="GGUF file; repeat to compare several (e.g. F32, Q8_0, Q4_K_M).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N rows (of the split).")
-@click.option("--language", type=click.Choice(["auto", "en", "zh"]), default=None,
-              help="Prompt language; default: the configured one (auto = per text).")
-@click.option("--split", type=click.Choice(SPLITS), default="all", show_default=True,
-              help="'tune' = the ~30 % of rows used for prompt tuning (hash of the text), 'heldout' = the rest.")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="GGUF file.")
+@click.option("--homes", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of recorded homes (default: homes/ next to FILE).")
+@click.option("--value-rules/--no-value-rules", default=True, show_default=True,
+              help="Narrow arguments to the values the home's prompt lists (prompts/tools/argument_values.toml).")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (default: the configured one).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed, for repeatable runs.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N cases.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML settings file.")
-@click.option("--quiet", is_flag=True, help="No progress on stderr.")
-def sentiment(file: Path, models: tuple[Path, ...], as_json: bool, limit: int | None, language: str | None,
-              split: str, config_file: Path | None, quiet: bool) -> None:
-    """Classify every row of FILE.tsv (text<TAB>label) and compare with the labels."""
-    for m in models:
-        if not m.is_file():
-            raise click.ClickException(f"model file not found: {m}")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def tools(file: Path, model_path: Path, homes: Path | None, value_rules: bool, temperature: float | None, seed: int,
+          limit: int | None, config_file: Path | None, as_json: bool) -> None:
+    """Tool calls on Home Assistant's own prompts and tools: decision, tool name, arguments, validity."""
+    from edge.engine.engine import Engine
+    from edge.engine.types import SamplingParams
+    from edge.evaluation.tools_eval import ToolsDataError, evaluate, load_cases, load_homes
     try:
-        settings = load_settings(config_file, prompts={"language": language})
-        examples = select(read_tsv(file, {"positive", "negative", "neutral"}), split, limit)
-        if not examples:
-            raise DatasetError(f"{file}: no rows in split {split!r}")
-        result = evaluate(models, examples, settings, progress=_progress_factory(not quiet and not as_json))
-    except (SettingsError, DatasetError, PromptError, RuntimeError_, ValueError) as exc:
+        settings = load_settings(config_file)
+        recorded = load_homes(homes or file.parent / "homes")
+        cases = load_cases(file, recorded)[:limit]
+        engine = Engine.load(model_path, settings)
+    except (SettingsError, ToolsDataError, PromptError, RuntimeError_, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    try:
+        if not value_rules:
+            engine.chat.value_rules = ()
+        result = evaluate(engine, cases, recorded, SamplingParams(temperature=temperature, seed=seed),
+                          progress=_progress_factory(not as_json)("tools"))
+    finally:
+        engine.close()
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
-    else:
-        _print_human(result)
+        return
+    for name, row in [("all", result["all"]), *result["by_language"].items()]:
+        click.echo(f"{name:4} n={row['n']:3} decision {row['decision_accuracy']:.1%}  tool name "
+                   f"{row['tool_name_accuracy'] or 0:.1%}  arguments {row['argument_accuracy'] or 0:.1%}  "
+                   f"chit-chat in text {row['chitchat_in_text'] or 0:.1%}  invalid {row['invalid_outputs']}  "
+                   f"latency p50 {row['latency_p50_ms']:.0f} ms p90 {row['latency_p90_ms']:.0f} ms")
+    for category, rate in result["by_category"].items():
+        click.echo(f"  {category:16} {rate:.1%}")

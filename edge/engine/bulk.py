@@ -1,4 +1,4 @@
-"""Bulk classification of a TSV file that survives interruption.
+"""Bulk task answers (`qwen-edge run TASK --file`, `classify --file`) that survive interruption.
 
 Every output row carries the input row number, rows are appended in order and flushed + fsynced
 after each batch, and a re-run first cuts a torn last line (a crash mid-write), then continues
@@ -7,13 +7,15 @@ after the last complete row: no duplicates, no gaps.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from edge.engine.task_runner import TaskResult as SentimentResult
+from edge.engine.task_runner import TaskResult
 
-OUT_HEADER = ("row", "label", "probability", "language", "truncated", "text")
+# answer: the label id, or for JSON tasks the JSON answer on one line
+OUT_HEADER = ("row", "answer", "probability", "language", "truncated", "text")
 
 
 class BulkInputError(ValueError):
@@ -85,9 +87,9 @@ def _append(f, out: Path, text: str, rows_done: int) -> None:
                              "are kept and a re-run resumes after them") from None
 
 
-def classify_file(texts: list[str], out: Path, classify: Callable[[list[str]], list[SentimentResult]],
+def answer_file(texts: list[str], out: Path, answer: Callable[[list[str]], list[TaskResult]],
                   batch: int = 8, progress: Callable[[int], None] | None = None) -> Iterator[int]:
-    """Classify `texts` into `out`, resuming; yields the number of rows written so far."""
+    """Answer `texts` into `out`, resuming; yields the number of rows written so far."""
     start = completed_rows(out)
     new_file = start == 0
     with open(out, "ab" if not new_file else "wb", buffering=0) as f:
@@ -97,7 +99,7 @@ def classify_file(texts: list[str], out: Path, classify: Callable[[list[str]], l
             progress(start)
         for i in range(start, len(texts), batch):
             chunk = texts[i:i + batch]
-            results = _classify_chunk(classify, chunk)
+            results = _answer_chunk(answer, chunk)
             lines = [f"{i + k}\t{r}\t{_clean(t)}\n" for k, (t, r) in enumerate(zip(chunk, results))]
             _append(f, out, "".join(lines), i)
             if progress:
@@ -105,19 +107,21 @@ def classify_file(texts: list[str], out: Path, classify: Callable[[list[str]], l
             yield i + len(chunk)
 
 
-def _classify_chunk(classify: Callable[[list[str]], list[SentimentResult]], chunk: list[str]) -> list[str]:
+def _answer_chunk(answer: Callable[[list[str]], list[TaskResult]], chunk: list[str]) -> list[str]:
     """Result columns per text; one bad text (e.g. empty) must not stop a run of thousands."""
     try:
-        return [_columns(r) for r in classify(chunk)]
+        return [_columns(r) for r in answer(chunk)]
     except ValueError:
         out = []
         for text in chunk:
             try:
-                out.append(_columns(classify([text])[0]))
+                out.append(_columns(answer([text])[0]))
             except ValueError:
                 out.append("error\t\t\t")
         return out
 
 
-def _columns(r: SentimentResult) -> str:
+def _columns(r: TaskResult) -> str:
+    if r.label is None:
+        return f"{json.dumps(r.output, ensure_ascii=False)}\t\t{r.language}\t{int(r.truncated)}"
     return f"{r.label}\t{r.probability:.4f}\t{r.language}\t{int(r.truncated)}"

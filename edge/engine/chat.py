@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import json
 import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import llama_cpp
 import numpy as np
@@ -36,7 +37,8 @@ from edge.engine.jobs import Job
 from edge.engine.prefixes import PrefixCache
 from edge.engine.runtime import LlamaRuntime
 from edge.engine.tasks import pick_language
-from edge.engine.tools import CALL_OPEN, CallWatch, ToolError, ToolSpec, call_gbnf, parse_calls, render_fallback
+from edge.engine.tools import (CALL_OPEN, CallWatch, ToolError, ToolSpec, ValueRule, call_gbnf, parse_calls,
+                               render_fallback)
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.settings import ChatSettings
 
@@ -81,6 +83,18 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def with_notes(messages: list[ChatMessage], labels: dict[str, str], notes: dict[str, dict[str, str]]) -> list[ChatMessage]:
+    """Each user message whose text has a label gets that label's note (in its language) attached:
+    the emotion hints of prompts/chat/hints.toml. A message's note depends on its text alone, so a
+    history sent back renders the same tokens and stays in the cache."""
+    out = []
+    for m in messages:
+        label = labels.get(m.content) if m.role == "user" else None
+        note = notes.get(pick_language(m.content, notes), {}).get(label or "", "") if label and notes else ""
+        out.append(replace(m, note=note) if note else m)
+    return out
+
+
 def split_volatile(text: str, patterns: list[re.Pattern]) -> tuple[str, str]:
     """`text` without the lines matching any pattern, and those lines (in order)."""
     kept, moved = [], []
@@ -91,7 +105,8 @@ def split_volatile(text: str, patterns: list[re.Pattern]) -> tuple[str, str]:
 
 class ChatSessions:
     def __init__(self, rt: LlamaRuntime, template: ChatTemplate, personas: dict[str, str], slot_seqs: list[int],
-                 defaults: ChatSettings, prefixes: PrefixCache, budget_tokens: int) -> None:
+                 defaults: ChatSettings, prefixes: PrefixCache, budget_tokens: int,
+                 value_rules: tuple[ValueRule, ...] = ()) -> None:
         self.rt = rt
         self.template = template
         self.personas = personas
@@ -99,6 +114,7 @@ class ChatSessions:
         self.defaults = defaults
         self.prefixes = prefixes
         self.budget_tokens = budget_tokens  # KV cells one conversation may occupy (prompt + reply)
+        self.value_rules = value_rules
         self.volatile = [re.compile(p) for p in defaults.volatile_lines]
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
         self._seen: Counter[str] = Counter()
@@ -124,7 +140,8 @@ class ChatSessions:
     def _render(self, msgs: list[ChatMessage], tools: ToolSpec | None) -> tuple[list[int], int]:
         """Tokens of the prompt and how many lead up to the first moved line or user content."""
         stable_text, moved = split_volatile(msgs[0].content, self.volatile)
-        msgs = [ChatMessage("system", stable_text), *msgs[1:]]
+        msgs = [ChatMessage("system", stable_text),
+                *(n for m in msgs[1:] for n in ([ChatMessage("system", m.note)] if m.note else []) + [m])]
         tool_defs = None
         if tools is not None and tools.tools:
             if self.template.supports_tools:
@@ -178,18 +195,25 @@ class ChatSessions:
         return prompt.messages, prompt.tokens
 
     # -- slots ----------------------------------------------------------------------------------
-    def claim(self, tokens: list[int]) -> tuple[Slot, int] | None:
-        """A free slot holding as much of `tokens` as possible, and how much; None when all are busy."""
+    def claim(self, prompt: ChatPrompt) -> tuple[Slot, int] | None:
+        """A free slot holding as much of the prompt as possible, and how much; None when all are busy.
+        A new conversation (no slot shares its system turn) takes an empty or the least recently
+        used slot, so it never overwrites a conversation that may continue."""
+        tokens = prompt.tokens
         free = [s for s in self.slots if not s.busy]
         if not free:
             return None
         best = max(free, key=lambda s: (common_prefix(s.tokens, tokens), -s.last_used))
         reuse = common_prefix(best.tokens, tokens)
+        if reuse < prompt.stable:
+            best = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+            reuse = common_prefix(best.tokens, tokens)
         cached = [p for p in self.prefixes.entries.values()
-                  if p.key[0] == "chat" and len(p.tokens) > reuse and tokens[:len(p.tokens)] == p.tokens]
+                  if p.key[0] == "chat" and (p.ready or p.saved is not None) and len(p.tokens) > reuse
+                  and tokens[:len(p.tokens)] == p.tokens]
         for prefix in sorted(cached, key=lambda p: -len(p.tokens)):
             if self.prefixes.ensure(prefix, None):
-                best = min(free, key=lambda s: s.last_used)
+                best = min(free, key=lambda s: (bool(s.tokens), s.last_used))
                 self.rt.seq_rm(best.seq)
                 self.rt.seq_cp(prefix.seq, best.seq)
                 best.tokens, reuse = list(prefix.tokens), len(prefix.tokens)
@@ -282,6 +306,15 @@ class ChatSessions:
             return None
         return top_k + (PENALTY_LAST_N if self.defaults.repeat_penalty != 1.0 else 0)
 
+    def check_template_text(self, tools: ToolSpec, messages: list[ChatMessage]) -> None:
+        """Tool definitions and calls are written by the template, tokenized with special tokens:
+        a control token in them (e.g. `<|im_start|>` in a description) is refused, never obeyed."""
+        texts = [json.dumps(t.definition, ensure_ascii=False) for t in tools.tools]
+        texts += [json.dumps(c.arguments, ensure_ascii=False) + c.name for m in messages for c in m.tool_calls]
+        for text in texts:
+            if any(self.rt.is_end(t) for t in self.rt.tokenize(text, special=True)):
+                raise ToolError("tool definitions and tool calls may not contain control tokens such as <|im_start|>")
+
     def grammar(self, gbnf: str, source: str) -> Grammar:
         """A fresh parse state of `gbnf` (compiled once, then cloned)."""
         compiled = self._grammars.get(gbnf)
@@ -297,6 +330,10 @@ class ChatSessions:
             fmt: ReplyFormat = ReplyFormat()) -> "GenerateJob":
         """A reply job (checked now: a prompt that cannot fit raises ContextOverflow here)."""
         max_tokens = params.max_tokens or self.defaults.max_tokens
+        if fmt.tools is not None:  # value rules read the client's own system prompt
+            system = messages[0].content if messages and messages[0].role == "system" else ""
+            fmt = replace(fmt, tools=replace(fmt.tools, value_rules=self.value_rules, system_text=system))
+            self.check_template_text(fmt.tools, messages)
         prompt = self.prompt(messages, max_tokens, fmt.tools)
         return GenerateJob(self, prompt, params, fmt, stats, emit, on_end,
                            min(max_tokens, self.budget_tokens - len(prompt.tokens)))
@@ -312,13 +349,17 @@ class GenerateJob(Job):
         self.s, self.rt, self.prompt, self.params = sessions, sessions.rt, prompt, params
         self.stats, self.emit, self.on_end, self.max_tokens = stats, emit, on_end, max_tokens
         self.tools = fmt.tools if fmt.tools is not None and fmt.tools.active else None
+        forced = self.tools is not None and self.tools.forced
         self.grammar: Grammar | None = None
-        if fmt.grammar is not None:
+        self.call_first: Grammar | None = None  # JSON format and tools: the first token picks which holds
+        if forced:
+            self.grammar = sessions.grammar(call_gbnf(self.tools, "forced"), "tools")
+        elif fmt.grammar is not None:
             self.grammar = sessions.grammar(fmt.grammar, "response format")
-        elif self.tools is not None and self.tools.forced:
-            self.grammar = sessions.grammar(call_gbnf(self.tools, opened=False), "tools")
-        self.calling = self.tools is not None and self.tools.forced
-        self.watch = CallWatch() if self.tools is not None and not self.calling else None
+            if self.tools is not None:
+                self.call_first = sessions.grammar(call_gbnf(self.tools, "forced"), "tools")
+        self.calling = forced
+        self.watch = CallWatch() if self.tools is not None and self.grammar is None else None
         self.chain, self.preselect = sessions.sampler(params)
         self.slot: Slot | None = None
         self.generated: list[int] = []
@@ -335,7 +376,7 @@ class GenerateJob(Job):
         return self.cancel_requested
 
     def start(self) -> bool:
-        claimed = self.s.claim(self.prompt.tokens)
+        claimed = self.s.claim(self.prompt)
         if claimed is None:
             return False
         self.slot, reuse = claimed
@@ -373,13 +414,36 @@ class GenerateJob(Job):
 
     def _sample(self, logits: np.ndarray) -> int:
         if self.grammar is None:
-            return self.rt.sample(self.chain, logits, self.preselect)
-        tok = self.rt.sample(self.chain, self.rt.without_control(logits), self.preselect, self.grammar.restrict)
+            # a reply is never empty: clients show nothing, and Home Assistant fails on an empty
+            # answer after a tool result
+            first = not self.generated and not self.text
+            return self.rt.sample(self.chain, self.rt.without_end(logits) if first else logits, self.preselect)
+        if self.call_first is not None:
+            return self._sample_first(logits, self.grammar, self.call_first)
+        tok = self.rt.sample(self.chain, self.rt.whole_chars_only(logits), self.preselect, self.grammar.restrict)
+        if not self.rt.is_end(tok):
+            self.grammar.accept(tok)
+        return tok
+
+    def _sample_first(self, logits: np.ndarray, answer: Grammar, call: Grammar) -> int:
+        """The first token of a reply that is JSON or tool calls: either grammar may allow it; the
+        one that does holds from then on."""
+        tok = self.rt.sample(self.chain, self.rt.whole_chars_only(logits), self.preselect,
+                             lambda ids: np.union1d(answer.restrict(ids), call.restrict(ids)).astype(np.int32))
+        self.call_first = None
+        if len(call.restrict([tok])) and not len(answer.restrict([tok])):
+            answer.close()
+            self.grammar, self.calling = call, True
+        else:
+            call.close()
         if not self.rt.is_end(tok):
             self.grammar.accept(tok)
         return tok
 
     def _text(self, piece: str, tok: int) -> None:
+        if self.watch is not None and len(self.generated) == 1 and piece.lstrip().startswith("{") \
+                and self._open_bare_call(tok, piece):
+            return
         if self.watch is not None:
             piece = self.watch.feed(piece)
             if self.watch.opened:
@@ -396,13 +460,25 @@ class GenerateJob(Job):
         if piece:
             self.emit(piece)
 
+    def _open_bare_call(self, tok: int, piece: str) -> bool:
+        """A reply that opens with `{` is a call written without its tags (small Qwen models often
+        do that): the tools' grammar holds from its first token, when that token fits a call."""
+        assert self.tools is not None
+        grammar = self.s.grammar(call_gbnf(self.tools, "bare"), "tools")
+        if not len(grammar.restrict([tok])):
+            grammar.close()
+            return False
+        grammar.accept(tok)
+        self.grammar, self.calling, self.call_text = grammar, True, piece
+        return True
+
     def _open_call(self, tok: int) -> None:
         """The model wrote `<tool_call>`: from here on the grammar of the tools holds. A last token
         that wrote past the trigger is replaced by the tokens of its part of the trigger, so the
         grammar starts exactly after it."""
         assert self.tools is not None and self.watch is not None
         self.calling = True
-        self.grammar = self.s.grammar(call_gbnf(self.tools, opened=True), "tools")
+        self.grammar = self.s.grammar(call_gbnf(self.tools, "opened"), "tools")
         if self.watch.overshoot:
             piece = self.rt.piece(tok).decode("utf-8", "replace")
             head = piece[: len(piece) - len(self.watch.overshoot)]
@@ -435,8 +511,9 @@ class GenerateJob(Job):
         elif not self.stats.tool_calls and self.stats.finish_reason in ("stop", "length"):
             self.s.remember(self.text, self.generated)
         llama_cpp.llama_sampler_free(self.chain)
-        if self.grammar is not None:
-            self.grammar.close()
+        for grammar in (self.grammar, self.call_first):
+            if grammar is not None:
+                grammar.close()
         if self.slot is not None:
             self.slot.busy = False
             self.slot.last_used = time.monotonic()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.engine.batcher import Batcher, StepPlanner
-from edge.engine.chat import ChatSessions, GenerateJob, ReplyFormat
+from edge.engine.chat import ChatSessions, GenerateJob, ReplyFormat, with_notes
 from edge.engine.chat_template import ChatTemplate
 from edge.engine.jobs import Job, PrefixJob
 from edge.engine.prefixes import Prefix, PrefixCache
@@ -33,6 +33,8 @@ from edge.settings import Settings, cache_dir
 
 log = logging.getLogger(__name__)
 SENTIMENT = "sentiment"  # the task behind /v1/sentiment, `classify` and the chat's sentiment line
+EMOTION = "emotion"      # the task behind the chat's emotion hints (chat.emotion_hints)
+EMOTION_MEMO = 512       # texts whose emotion label is remembered
 
 
 class TaskUnavailable(LookupError):
@@ -61,6 +63,7 @@ class Engine:
         self.resources = Resources(runtime, self.prefixes, list(self.work_seqs), self._evaluate_prefix)
         self.tasks: dict[str, CompiledTask] = {}
         self.task_errors: dict[str, str] = {}
+        self._emotions: dict[str, str] = {}  # text -> emotion label, for the hints
         self.chat: ChatSessions
         self._build(self._load_prompts())
 
@@ -109,7 +112,7 @@ class Engine:
         if old_chat is not None:
             old_chat.drop_idle()
         self.chat = ChatSessions(self.rt, self.template, prompts.chat_system, self.chat_seqs, self.settings.chat,
-                                 self.prefixes, self.chat_budget())
+                                 self.prefixes, self.chat_budget(), value_rules)
         self.prompts, self.tasks, self.task_errors, self.value_rules = prompts, compiled, errors, value_rules
 
     def chat_budget(self) -> int:
@@ -238,6 +241,36 @@ class Engine:
                 job.cancel_requested = True
                 self.step()  # ends it and frees the slot
 
+    def emotion_labels(self, texts: list[str]) -> dict[str, str]:
+        """The emotion task's label of each text (remembered: a conversation's earlier messages
+        are not classified again); empty when the emotion task is not available."""
+        missing = self.unknown_emotions(texts)
+        if missing:
+            for text, result in zip(missing, self.run_task(EMOTION, missing)):
+                self.remember_emotion(text, result.label or "")
+        return self.known_emotions(texts)
+
+    def unknown_emotions(self, texts: list[str]) -> list[str]:
+        """Of `texts`, those the hints still need the emotion task for (none without that task)."""
+        if EMOTION not in self.tasks:
+            return []
+        return [t for t in dict.fromkeys(texts) if t not in self._emotions and t.strip()]
+
+    def known_emotions(self, texts: list[str]) -> dict[str, str]:
+        return {t: self._emotions[t] for t in texts if t in self._emotions}
+
+    def remember_emotion(self, text: str, label: str) -> None:
+        self._emotions[text] = label
+        while len(self._emotions) > EMOTION_MEMO:
+            self._emotions.pop(next(iter(self._emotions)))
+
+    def hinted(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """`messages` with the emotion hints (chat.emotion_hints; off: unchanged)."""
+        if not self.settings.chat.emotion_hints:
+            return messages
+        labels = self.emotion_labels([m.content for m in messages if m.role == "user"])
+        return with_notes(messages, labels, self.prompts.emotion_hints)
+
     def conversation(self) -> "Conversation":
         return Conversation(self)
 
@@ -280,7 +313,7 @@ class Conversation:
     def _reply(self, params: SamplingParams) -> Iterator[str]:
         stats = ChatStats()
         parts: list[str] = []
-        for piece in self.engine.chat_stream(self.history, params, stats):
+        for piece in self.engine.chat_stream(self.engine.hinted(self.history), params, stats):
             parts.append(piece)
             yield piece
         self.history.append(ChatMessage("assistant", "".join(parts)))

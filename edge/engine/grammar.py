@@ -145,7 +145,10 @@ def normalise_schema(schema: Any, where: str = "$") -> Any:
 
 def schema_gbnf(schema: Any, where: str = "schema") -> str:
     """GBNF for JSON matching `schema`; SchemaUnsupported (naming the part) when it cannot be enforced."""
-    normal = normalise_schema(schema, "$")
+    try:
+        normal = normalise_schema(schema, "$")
+    except SchemaUnsupported as exc:
+        raise SchemaUnsupported(f"{where}: {exc}") from None
     converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     try:
         resolved = converter.resolve_refs(normal, "input")
@@ -212,17 +215,12 @@ class Grammar:
 
     def best(self, logits: np.ndarray) -> int:
         """The best-scoring allowed token: greedy decoding under the grammar."""
-        few = np.argpartition(logits, -self.FEW)[-self.FEW:]
-        few = few[np.argsort(-logits[few], kind="stable")]
-        few = few[np.isfinite(logits[few])].astype(np.int32)  # banned tokens carry -inf
-        ok = self._apply(few, 0.0)
-        if len(ok):
-            return int(ok[0])  # _apply keeps the order: the first allowed is the best
-        every = self.allowed()
-        every = every[np.isfinite(logits[every])]
-        if not len(every):
-            raise GrammarError(f"{self.source}: the grammar allows no token here")
-        return int(every[np.argmax(logits[every])])
+        finite = lambda ids: ids[np.isfinite(logits[ids])]  # noqa: E731  (banned tokens carry -inf)
+        try:
+            ok = self.rt.best_allowed(logits, lambda ids: self.restrict(finite(ids)), self.FEW)
+        except Exception:
+            raise GrammarError(f"{self.source}: the grammar allows no token here") from None
+        return int(ok[np.argmax(logits[ok])])
 
     def restrict(self, ids: np.ndarray) -> np.ndarray:
         """Of candidate `ids`, the allowed ones (empty when none is)."""

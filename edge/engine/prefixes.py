@@ -80,9 +80,10 @@ class PrefixCache:
     def resident_tokens(self) -> int:
         return sum(len(p.tokens) for p in self.entries.values() if p.seq is not None)
 
-    def ensure(self, prefix: Prefix, evaluate: Callable[[Prefix], None]) -> bool:
+    def ensure(self, prefix: Prefix, evaluate: Callable[[Prefix], None] | None) -> bool:
         """True when `prefix` is resident and evaluated. Otherwise make room, restore its saved
-        state or call `evaluate(prefix)` (which must set `ready` once done), and return False."""
+        state or call `evaluate(prefix)` (which must set `ready` once done; None: only restore),
+        and return False."""
         prefix.last_used = time.monotonic()
         if prefix.failed is not None:
             failed, prefix.failed = prefix.failed, None
@@ -93,6 +94,10 @@ class PrefixCache:
             return False  # every resident prefix is being read: try again next step
         if prefix.saved is not None and self._restore(prefix):
             return True
+        if evaluate is None:  # nothing to restore and not to be evaluated here: give the room back
+            self.free.append(prefix.seq)
+            prefix.seq = None
+            return False
         prefix.evaluating = True
         self.stats.evaluated += 1
         evaluate(prefix)
@@ -105,6 +110,8 @@ class PrefixCache:
         if prefix.ready:
             return prefix
         if prefix.seq is None and not self._make_room(prefix):
+            if prefix.saved is None:
+                self.entries.pop(key, None)
             return None
         self.rt.seq_cp_range(src_seq, prefix.seq, 0, len(tokens))
         prefix.ready = True

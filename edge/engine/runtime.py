@@ -137,6 +137,14 @@ def physical_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _whole_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class LlamaRuntime:
     def __init__(self, model_path: Path | str, config: RuntimeConfig = RuntimeConfig()) -> None:
         global _BACKEND_READY
@@ -183,7 +191,10 @@ class LlamaRuntime:
         # control tokens that do not end generation (<|im_start|>...): never part of constrained output
         self._control_ids = np.array(sorted(t for t in self.end_tokens if not llama_cpp.llama_vocab_is_eog(self.vocab, t)),
                                      dtype=np.int64)
+        self._end_ids = np.array(sorted(self.end_tokens), dtype=np.int64)
         self._candidates: np.ndarray | None = None  # full-vocabulary sampling, built on first use
+        self._partial_ids: np.ndarray | None = None  # tokens that are not whole characters, on first use
+        self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
         self._scratch = np.empty(self.n_vocab, dtype=np.float32)  # top-k selection, reused per token
         self._above = np.empty(self.n_vocab, dtype=bool)
         release_free_heap()
@@ -218,11 +229,26 @@ class LlamaRuntime:
     def is_end(self, token: int) -> bool:
         return token in self.end_tokens
 
+    def without_end(self, logits: np.ndarray) -> np.ndarray:
+        """`logits` (changed in place) with every token that ends a reply made impossible."""
+        logits[self._end_ids] = -np.inf
+        return logits
+
     def without_control(self, logits: np.ndarray) -> np.ndarray:
         """`logits` (changed in place) with every control token that does not end a reply made
         impossible: a grammar that allows '<' inside a JSON string must not pick <|im_start|>."""
         logits[self._control_ids] = -np.inf
         return logits
+
+    def whole_chars_only(self, logits: np.ndarray) -> np.ndarray:
+        """`without_control`, and tokens that are not whole UTF-8 characters (byte pieces) made
+        impossible too: under a JSON grammar, a string of byte pieces could decode to replacement
+        characters and outgrow the schema's maxLength. Every common character has whole tokens."""
+        if self._partial_ids is None:
+            self._partial_ids = np.array([t for t in range(self.n_vocab) if not _whole_utf8(self.piece(t))],
+                                         dtype=np.int64)
+        logits[self._partial_ids] = -np.inf
+        return self.without_control(logits)
 
     def _find_end_tokens(self) -> frozenset[int]:
         # A control token (e.g. <|im_start|>) never belongs in a reply: it ends it, so a model coaxed
@@ -356,15 +382,10 @@ class LlamaRuntime:
         """
         if self._candidates is None:
             self._candidates = np.zeros(self.n_vocab, dtype=TOKEN_DATA)
-            self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
         top = preselect is not None and preselect < self.n_vocab
         ids = self._top(logits, preselect) if top else None
         if allow is not None:
-            ids = allow(ids if ids is not None else self._all_ids)
-            if not len(ids) and top:
-                ids = allow(self._all_ids)
-            if not len(ids):
-                raise RuntimeError_("the grammar allows no token here")
+            ids = self.best_allowed(logits, allow, preselect if top else self.n_vocab)
         if ids is not None:
             cand = np.empty(len(ids), dtype=TOKEN_DATA)
             cand["id"] = ids
@@ -381,6 +402,22 @@ class LlamaRuntime:
         token = int(cand["id"][arr.selected])
         llama_cpp.llama_sampler_accept(sampler, token)
         return token
+
+    def best_allowed(self, logits: np.ndarray, allow: Callable[[np.ndarray], np.ndarray], first: int) -> np.ndarray:
+        """What `allow` (a grammar) keeps of the `first` best-scoring tokens, widening the search
+        (x16 each time, then the whole vocabulary) while it keeps none: masking 150k candidates
+        with a grammar of long enums costs seconds, and the allowed token is nearly always near
+        the top. Greedy decoding picks the same token either way."""
+        width = first
+        while width < self.n_vocab:
+            ids = allow(self._top(logits, width))
+            if len(ids):
+                return ids
+            width *= 16
+        ids = allow(self._all_ids)
+        if not len(ids):
+            raise RuntimeError_("the grammar allows no token here")
+        return ids
 
     def _top(self, logits: np.ndarray, k: int) -> np.ndarray:
         """Ids of the k best logits (more when several tie with the k-th), without allocating

@@ -105,6 +105,8 @@ class CompiledTask:
 
     def __init__(self, rt: LlamaRuntime, template: ChatTemplate, spec: TaskSpec, language: str = "auto") -> None:
         self.rt, self.spec, self.language = rt, spec, language
+        # what a grammar may never pick: control tokens, and for JSON byte pieces too (runtime.py)
+        self.mask = {"label": rt.without_control, "json": rt.whole_chars_only}[spec.output]
         self.langs: dict[str, CompiledLanguage] = {}
         try:
             for lang, lspec in spec.languages.items():
@@ -158,10 +160,11 @@ class CompiledTask:
                 if tok not in set(grammar.allowed().tolist()):
                     raise PromptError(f"{source}: grammar does not allow {what} {answer!r}")
                 grammar.accept(tok)
-            if any(not self.rt.is_end(int(t)) for t in grammar.allowed()):
-                if self.spec.output == "label":
-                    raise PromptError(f"{source}: grammar allows text after the label {answer!r}; "
-                                      "it must allow only the labels")
+            after = [self.rt.is_end(int(t)) for t in grammar.allowed()]
+            if self.spec.output == "label" and not all(after):
+                raise PromptError(f"{source}: grammar allows text after the label {answer!r}; "
+                                  "it must allow only the labels")
+            if not any(after):
                 raise PromptError(f"{source}: {what} {answer!r} is incomplete under the schema's grammar")
         finally:
             grammar.reset()
@@ -232,7 +235,7 @@ class TaskJob(Job):
     def _next(self, logits: np.ndarray) -> int | None:
         """Greedy under the grammar: the next token, or None at the end."""
         assert self.grammar is not None
-        tok = self.grammar.best(self.res.rt.without_control(logits))
+        tok = self.grammar.best(self.task.mask(logits))
         if self.res.rt.is_end(tok):
             return None
         self.grammar.accept(tok)

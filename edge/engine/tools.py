@@ -141,54 +141,78 @@ def listed_values(rule: ValueRule, text: str) -> list[str]:
 
 
 def _narrow(schema: dict, rules: tuple[ValueRule, ...], text: str) -> dict:
+    """`schema` with each ruled string argument (or list of strings) limited to the values the
+    client listed; a ruled argument it listed no value for is left out (unless required): in a
+    prompt that lists what exists, a value it does not list cannot be right."""
     props = schema.get("properties")
     if not isinstance(props, dict):
         return schema
+    required = set(schema.get("required") or [])
     out = dict(props)
     for rule in rules:
         prop = props.get(rule.argument)
-        values = listed_values(rule, text) if isinstance(prop, dict) and prop.get("type") == "string" else []
-        if values and "enum" not in prop:
+        if not isinstance(prop, dict) or "enum" in prop or "const" in prop:
+            continue
+        values = listed_values(rule, text)
+        if not values and rule.argument not in required:
+            out.pop(rule.argument)
+        elif values and prop.get("type") == "string":
             out[rule.argument] = {**prop, "enum": values}
+        elif values and prop.get("type") == "array" and not prop.get("items"):
+            out[rule.argument] = {**prop, "items": {"enum": values}}
     return {**schema, "properties": out}
+
+
+def narrowed(spec: ToolSpec) -> tuple[ValueRule, ...]:
+    """The value rules that apply: all of them when the client's prompt lists values for any
+    (it is a prompt of that kind), none otherwise."""
+    return spec.value_rules if any(listed_values(r, spec.system_text) for r in spec.value_rules) else ()
 
 
 # -- grammar --------------------------------------------------------------------------------------
 
 def call_schema(spec: ToolSpec) -> dict:
     """The JSON schema of one call: {"name": <a tool>, "arguments": <its arguments>}."""
-    tools = [t for t in spec.tools if not spec.forced or t.name == spec.choice]
+    tools = [t for t in spec.tools if spec.choice in CHOICES or t.name == spec.choice]
     return {"anyOf": [{"type": "object", "properties": {
         "name": {"const": t.name},
-        "arguments": _narrow(t.parameters, spec.value_rules, spec.system_text)},
+        "arguments": _narrow(t.parameters, narrowed(spec), spec.system_text)},
         "required": ["name", "arguments"]} for t in tools]}
 
 
-def call_gbnf(spec: ToolSpec, opened: bool) -> str:
-    """GBNF of the calls. `opened`: the model already wrote `<tool_call>` (it chose to call);
-    otherwise the grammar starts with it (tool_choice required or named)."""
+CALL_STARTS = ("forced", "opened", "bare")
+
+
+def call_gbnf(spec: ToolSpec, start: str) -> str:
+    """GBNF of the calls, from where the reply stands:
+    - forced: nothing written yet, a call must come (tool_choice required or named);
+    - opened: the model wrote `<tool_call>` (it chose to call);
+    - bare: the model opened a reply with `{`, a call without its tags: one call."""
     try:
         body = schema_gbnf(call_schema(spec), "tools")
     except SchemaUnsupported as exc:
         raise ToolError(f"a tool's parameters cannot be enforced: {exc}") from None
     body = re.sub(r"^root ::=", "call-json ::=", body, count=1, flags=re.MULTILINE)
-    one = f'[ \n]{{0,2}} call-json [ \n]{{0,2}} {gbnf_literal(CALL_CLOSE)}'
-    more = f'("\n" {gbnf_literal(CALL_OPEN)} {one}){{0,{MAX_PARALLEL_CALLS - 1 if spec.parallel else 0}}}'
-    start = "" if opened else gbnf_literal(CALL_OPEN) + " "
-    return f"root ::= {start}{one} {more}\n{body}"
+    ws = "[ \\n]{0,2}"
+    one = f"{ws} call-json {ws} {gbnf_literal(CALL_CLOSE)}"
+    more = f'("\\n" {gbnf_literal(CALL_OPEN)} {one}){{0,{MAX_PARALLEL_CALLS - 1 if spec.parallel else 0}}}'
+    roots = {"forced": f"{gbnf_literal(CALL_OPEN)} {one} {more}", "opened": f"{one} {more}",
+             "bare": f"{ws} call-json"}
+    return f"root ::= {roots[start]}\n{body}"
 
 
 def parse_calls(text: str) -> list[ToolCall]:
-    """The complete calls in `text` (what follows the first `<tool_call>`), in order."""
+    """The complete calls in `text` (from `<tool_call>` or a bare `{` on), in order; a call cut
+    short by the length limit is dropped."""
     calls = []
     for chunk in text.split(CALL_OPEN):
-        body, closed, _ = chunk.partition(CALL_CLOSE)
-        if not closed:
+        body = chunk.partition(CALL_CLOSE)[0].strip()
+        if not body:
             continue
         try:
             value = json.loads(body)
         except json.JSONDecodeError:
-            continue  # cannot happen under the grammar; a truncated call is dropped
+            continue  # cut short (the grammar allows nothing else)
         calls.append(ToolCall(value["name"], value.get("arguments") or {}, f"call_{uuid.uuid4().hex[:24]}"))
     return calls
 

@@ -20,6 +20,7 @@ class ChatMessage:
     content: str
     tool_calls: tuple[ToolCall, ...] = ()   # assistant messages that called tools
     tool_call_id: str = ""                  # tool messages: which call this is the result of
+    note: str = ""                          # a system note shown right before it (the emotion hint)
 
 
 @dataclass(frozen=True)
