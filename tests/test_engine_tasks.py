@@ -139,3 +139,30 @@ def test_evicted_prefixes_are_restored_from_disk_not_recomputed(tiny_gguf, tmp_p
         assert list((tmp_path / "kv").glob("*.kvseq"))
     finally:
         eng.close()
+
+
+def test_cli_lists_runs_and_benchmarks_tasks(tiny_gguf, tmp_path):
+    from click.testing import CliRunner
+
+    from edge.cli import cli
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["tasks"])
+    assert listed.exit_code == 0 and "extract" in listed.output and "emotion" in listed.output
+    one = runner.invoke(cli, ["run", "extract", "remind me to call Bob at 5", "--model", str(tiny_gguf), "--json"])
+    assert one.exit_code == 0, one.output
+    assert set(json.loads(one.output.strip().splitlines()[-1])["output"]) == {"what", "when", "where"}
+    assert runner.invoke(cli, ["run", "nope", "x", "--model", str(tiny_gguf)]).exit_code == 1
+    src = tmp_path / "in.tsv"
+    src.write_text("text\nwin a prize\n你好\n", encoding="utf-8")
+    out = tmp_path / "out.tsv"
+    bulk = runner.invoke(cli, ["run", "spam", "--file", str(src), "--out", str(out), "--model", str(tiny_gguf)])
+    assert bulk.exit_code == 0, bulk.output
+    rows = out.read_text(encoding="utf-8").splitlines()
+    assert rows[0].split("\t")[:2] == ["row", "answer"] and len(rows) == 3
+    assert {r.split("\t")[1] for r in rows[1:]} <= {"spam", "ham"}
+    bench = runner.invoke(cli, ["bench", "task", "emotion", "--model", str(tiny_gguf), "--texts", str(src),
+                                "--rounds", "1", "--json"])
+    assert bench.exit_code == 0, bench.output
+    report = json.loads(bench.output.strip().splitlines()[-1])
+    assert report["n"] == 2 and report["p50_ms"] > 0 and report["floor_p50_ms"] > 0
+    assert set(report["prefix"]) == {"en", "zh"} and all(r["restore_ms"] > 0 for r in report["prefix"].values())

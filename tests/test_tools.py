@@ -270,3 +270,39 @@ def test_bad_tool_requests_are_clear_400s(live):
                                                                                                   "arguments": "{oops"}}]},
             {"role": "user", "content": "and?"}]})
         assert r.status_code == 400 and "arguments" in r.json()["error"]
+
+
+def _counter(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_home_assistants_prompt_is_paid_once(live):
+    """HA's real requests: the system prompt starts with the time to the second, then ~1,000 stable
+    tokens (instructions, devices, tools). With that line moved to the end of the system turn, a new
+    conversation a minute later, and the next turn, evaluate only their own new tokens."""
+    with live.client() as http:
+        def ask(body: dict) -> tuple[float, float, str]:
+            before = http.get("/metrics").text
+            r = http.post("/api/chat", json={**body, "stream": False, "options": {**body["options"], "num_predict": 4}})
+            assert r.status_code == 200, r.text
+            after = http.get("/metrics").text
+            prompt = _counter(after, "qwen_edge_prompt_tokens_total") - _counter(before, "qwen_edge_prompt_tokens_total")
+            cached = (_counter(after, "qwen_edge_prompt_cached_tokens_total")
+                      - _counter(before, "qwen_edge_prompt_cached_tokens_total"))
+            return prompt, cached, r.json()["message"]["content"]
+
+        def recorded(name: str) -> dict:
+            return json.loads((DATA / "home_assistant" / name).read_text(encoding="utf-8"))
+        first = recorded("01_assist_en_turn_on.json")
+        _, _, reply = ask(first)
+        next_turn = {**first, "messages": [*first["messages"], {"role": "assistant", "content": reply},
+                                           {"role": "user", "content": "and the bedroom light?"}]}
+        zh = recorded("05_assist_zh_turn_on.json")
+        ask(zh)  # a conversation in Chinese starts from the Chinese persona: paid once too
+        zh_later = {**zh, "messages": [{**zh["messages"][0], "content": zh["messages"][0]["content"].replace(
+            "Current time is", "Current time is 23:59:59, not").replace("Today's date", "Date")},
+            {"role": "user", "content": "把卧室的灯关掉"}]}
+        for name, body in [("next turn", next_turn), ("a minute later", recorded("07_assist_en_new_conversation_later.json")),
+                           ("zh later", zh_later)]:
+            prompt, cached, _ = ask(body)
+            assert cached / prompt >= 0.9, (name, cached, prompt)

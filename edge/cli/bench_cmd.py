@@ -17,7 +17,8 @@ from edge.evaluation.datasets import DatasetError
 from edge.settings import PROJECT_ROOT, SettingsError, load_settings
 
 DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "sentiment"
-SUBCOMMANDS = {"http": "edge.cli.bench_http:bench_http", "load": "edge.cli.bench_load:bench_load"}
+SUBCOMMANDS = {"http": "edge.cli.bench_http:bench_http", "load": "edge.cli.bench_load:bench_load",
+               "task": "edge.cli.bench_task:bench_task"}
 
 
 class BenchGroup(click.Group):

@@ -19,13 +19,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user: printed as one line, exit code 1."""
     from edge.engine.bulk import BulkInputError
     from edge.engine.chat import ContextOverflow
-    from edge.engine.tasks import PromptError
+    from edge.engine.engine import TaskUnavailable
+    from edge.engine.grammar import GrammarError
     from edge.engine.runtime import RuntimeError_
-    from edge.engine.task_runner import InputError
+    from edge.engine.task_runner import InputError, OutputLimit
+    from edge.engine.tasks import PromptError
+    from edge.engine.tools import ToolError
     from edge.model.gguf_check import ModelFileError
     from edge.model.locate import ModelNotFound
     return (SettingsError, PromptError, ModelFileError, ModelNotFound, InputError, ContextOverflow,
-            BulkInputError, RuntimeError_, OSError)
+            BulkInputError, RuntimeError_, OSError, TaskUnavailable, GrammarError, ToolError, OutputLimit)
 
 
 @contextmanager
