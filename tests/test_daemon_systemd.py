@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "qwen-edge.service"
-REQUIRED = ["Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes", "StateDirectory=qwen-edge",
+REQUIRED = ["Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes", "StateDirectory=qwen-edge", "CacheDirectory=qwen-edge",
             "ConfigurationDirectory=qwen-edge", "MemoryMax=1G", "NoNewPrivileges=yes", "ProtectSystem=strict",
             "ProtectHome=yes", "PrivateTmp=yes", "PrivateDevices=yes", "RestrictAddressFamilies=",
             "SystemCallFilter=@system-service", "CapabilityBoundingSet=\n", "ExecReload=/bin/kill -HUP $MAINPID"]

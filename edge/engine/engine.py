@@ -11,6 +11,8 @@ The methods here drive the batcher from the calling thread, under `lock`; the sc
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -37,6 +39,26 @@ EMOTION = "emotion"      # the task behind the chat's emotion hints (chat.emotio
 EMOTION_MEMO = 512       # texts whose emotion label is remembered
 
 
+def own_state_dir() -> Path:
+    """This process's folder for saved prefix states, in the cache directory; folders left by
+    processes that are gone (a crash, a kill) are removed on the way."""
+    root = cache_dir() / "kv-states"
+    for folder in root.glob("*") if root.is_dir() else []:
+        if folder.name.isdigit() and not _alive(int(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return root / str(os.getpid())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 class TaskUnavailable(LookupError):
     """No such task, or its files were refused (the message says why)."""
 
@@ -55,9 +77,9 @@ class Engine:
                              f"= {e.task_batch + e.chat_slots + 2}")
         self.work_seqs = list(range(e.task_batch))
         self.chat_seqs = list(range(e.task_batch, e.task_batch + e.chat_slots))
-        state_dir = e.kv_state_dir or cache_dir() / "kv-states" / str(threading.get_native_id())
+        self.state_dir = Path(e.kv_state_dir) if e.kv_state_dir else own_state_dir()
         self.prefixes = PrefixCache(runtime, list(range(e.task_batch + e.chat_slots, n_seq)), e.prefix_tokens,
-                                    Path(state_dir), str(runtime.path))
+                                    self.state_dir, str(runtime.path))
         self.batcher = Batcher(runtime, StepPlanner(runtime.n_batch, e.reply_share), self._make_room)
         self.lock = threading.RLock()  # the runtime is single-threaded: whoever steps holds this
         self.resources = Resources(runtime, self.prefixes, list(self.work_seqs), self._evaluate_prefix)
@@ -296,6 +318,8 @@ class Engine:
                 task.close()
             self.prefixes.clear()
         self.rt.close()
+        if not self.settings.engine.kv_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 @dataclass
