@@ -53,7 +53,9 @@ class ModelSettings(BaseModel):
     quant: Literal["q4_k_m", "q8_0", "f32"] = Field("q4_k_m", description="Preferred file type in `dir`")
     n_ctx: int = Field(3072, ge=256, le=32768, description="Context size (tokens), shared by all sequences: "
                                                            "cached prefixes (engine.prefix_tokens), one task text and "
-                                                           "a conversation (Home Assistant: ~1,000-token prompts)")
+                                                           "a conversation of up to n_ctx - prefix_tokens - "
+                                                           "max_text_tokens - 16 tokens (Home Assistant's prompts: "
+                                                           "~1,000)")
     n_batch: int = Field(512, ge=32, le=4096, description="Prompt tokens evaluated per llama.cpp call")
     n_ubatch: int = Field(256, ge=32, le=4096, description="Tokens llama.cpp computes at once (capped at n_batch); "
                                                             "sizes the compute buffer. 256 needs 12-20 MB less "
@@ -113,9 +115,10 @@ class EngineSettings(BaseModel):
     chat_slots: int = Field(6, ge=1, le=64, description="Conversations kept in the KV cache (and replies "
                                                          "generated at once)")
     task_batch: int = Field(8, ge=1, le=64, description="Task texts evaluated at once")
-    prefix_tokens: int = Field(1024, ge=0, le=32768, description="KV cells for cached prefixes (task prompts, "
-                                                                  "personas, client system prompts); the rest "
-                                                                  "wait on disk")
+    prefix_tokens: int = Field(624, ge=0, le=32768, description="KV cells kept for cached prefixes (task "
+                                                                 "prompts, personas, client system prompts); the "
+                                                                 "rest wait on disk. With n_ctx 3072 and one task "
+                                                                 "text this leaves a conversation 2048 tokens")
     reply_share: float = Field(0.5, gt=0, le=1, description="While replies stream, the share of a step's time "
                                                              "kept for them; prompt tokens get the rest")
     kv_state_dir: Path | None = Field(None, description="Where evicted prefixes' KV states are kept (cleared at "

@@ -153,6 +153,19 @@ def test_a_reply_opening_with_a_brace_is_a_bare_call(engine):
     _validate(stats.tool_calls, WEATHER)
 
 
+def test_a_call_in_a_markdown_fence_is_a_call_and_other_fences_stay_text(engine):
+    spec = parse_tools(WEATHER)
+    stats = ChatStats()
+    with steered(engine, '```json\n{"name'):
+        text = "".join(engine.chat_stream([ChatMessage("user", "weather?")], GREEDY, stats, ReplyFormat(tools=spec)))
+    assert text == "" and stats.finish_reason == "tool_calls"
+    _validate(stats.tool_calls, WEATHER)
+    stats = ChatStats()
+    with steered(engine, "```python\nprint(1)"):
+        text = "".join(engine.chat_stream([ChatMessage("user", "code?")], GREEDY, stats, ReplyFormat(tools=spec)))
+    assert text.startswith("```python\nprint(1)") and not stats.tool_calls
+
+
 def test_tool_choice_none_gives_text_and_no_calls(engine):
     spec = parse_tools(WEATHER, "none")
     stats = ChatStats()

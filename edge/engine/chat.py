@@ -45,6 +45,8 @@ from edge.settings import ChatSettings
 MEMO_SIZE = 64
 PENALTY_LAST_N = 64   # tokens the repeat penalty looks back over
 MIN_CACHED_PREFIX = 32  # shorter system turns are not worth a prefix sequence
+# Markdown fences a small model writes before a call as bare JSON ("```json\n{...}")
+BARE_OPENERS = ("```json\n", "```json ", "```\n")
 GRAMMAR_CACHE = 16    # compiled response / tool grammars kept for the next request
 
 
@@ -360,6 +362,7 @@ class GenerateJob(Job):
                 self.call_first = sessions.grammar(call_gbnf(self.tools, "forced"), "tools")
         self.calling = forced
         self.watch = CallWatch() if self.tools is not None and self.grammar is None else None
+        self.opening: str | None = ""  # the reply's first text while it may still open a bare call
         self.chain, self.preselect = sessions.sampler(params)
         self.slot: Slot | None = None
         self.generated: list[int] = []
@@ -441,9 +444,10 @@ class GenerateJob(Job):
         return tok
 
     def _text(self, piece: str, tok: int) -> None:
-        if self.watch is not None and len(self.generated) == 1 and piece.lstrip().startswith("{") \
-                and self._open_bare_call(tok, piece):
-            return
+        if self.watch is not None and self.opening is not None:
+            piece = self._at_start(piece, tok)
+            if piece is None:
+                return
         if self.watch is not None:
             piece = self.watch.feed(piece)
             if self.watch.opened:
@@ -459,6 +463,22 @@ class GenerateJob(Job):
             return
         if piece:
             self.emit(piece)
+
+    def _at_start(self, piece: str, tok: int) -> str | None:
+        """The start of a reply with tools: a `{` (after nothing, or after a Markdown fence such as
+        ```json) opens a call written without its tags; text that may still become such an opening
+        is held back. Returns the text to go on with, or None when the piece was consumed."""
+        assert self.opening is not None
+        seen = self.opening + piece
+        if seen.lstrip().startswith("{") or any(seen.startswith(f) and seen[len(f):].lstrip().startswith("{")
+                                                 for f in BARE_OPENERS):
+            self.opening = None
+            return None if self._open_bare_call(tok, piece) else seen
+        if any(f.startswith(seen.lstrip(" ")) for f in BARE_OPENERS):
+            self.opening = seen
+            return None
+        self.opening = None
+        return seen
 
     def _open_bare_call(self, tok: int, piece: str) -> bool:
         """A reply that opens with `{` is a call written without its tags (small Qwen models often
@@ -487,6 +507,10 @@ class GenerateJob(Job):
             self.generating = len(self.pending) == 1  # several: evaluated as a prompt chunk
 
     def _end(self, reason: str) -> None:
+        if self.opening:  # held back as a possible opening, never continued: it is text
+            self.text += self.opening
+            self.emit(self.opening)
+            self.opening = None
         if self.watch is not None and not self.calling:
             tail = self.watch.flush()
             if tail:
