@@ -47,7 +47,8 @@ class Message(BaseModel):
 class RespondRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, description="The user's message (shortcut for one user message)")
-    messages: list[Message] | None = Field(None, description="Whole conversation; sentiment is of the last user message")
+    messages: list[Message] | None = Field(None, description="Whole conversation; sentiment is of the last "
+                                                             "user message")
     stream: bool = False
     language: Literal["zh", "en"] | None = None
     temperature: float | None = Field(None, ge=0, le=2)

@@ -18,10 +18,10 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Protocol
 
 from edge.api.access import add_chat_usage, add_usage
-from edge.engine.runtime import release_free_heap
-from edge.engine.scheduler import ChatHandle, Scheduler
 from edge.engine.chat import ReplyFormat
 from edge.engine.engine import SENTIMENT
+from edge.engine.runtime import release_free_heap
+from edge.engine.scheduler import ChatHandle, Scheduler
 from edge.engine.task_runner import SentimentResult, TaskResult
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.model.gguf_check import GGUFInfo, check_gguf

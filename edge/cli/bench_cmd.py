@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from edge.engine.tasks import PromptError
 from edge.engine.runtime import RuntimeError_
+from edge.engine.tasks import PromptError
 from edge.evaluation.bench import BenchOptions, run_bench
 from edge.evaluation.datasets import DatasetError
 from edge.settings import PROJECT_ROOT, SettingsError, load_settings

@@ -48,7 +48,8 @@ def _print_labels(result: dict) -> None:
         click.echo(f"n         {entry['n']}")
         click.echo(f"accuracy  {entry['accuracy']:.2%}")
         click.echo(f"macro-F1  {entry['macro_f1']:.4f}")
-        click.echo(f"latency   p50 {entry['p50_ms']:.1f} ms  p90 {entry['p90_ms']:.1f} ms  p99 {entry['p99_ms']:.1f} ms")
+        click.echo(f"latency   p50 {entry['p50_ms']:.1f} ms  p90 {entry['p90_ms']:.1f} ms  "
+                   f"p99 {entry['p99_ms']:.1f} ms")
         labels = list(entry["confusion"])
         width = max(len(x) for x in labels + ["gold\\pred"]) + 2
         click.echo("gold\\pred".ljust(width) + "".join(x.rjust(width) for x in labels))

@@ -37,8 +37,16 @@ from edge.engine.jobs import Job
 from edge.engine.prefixes import PrefixCache
 from edge.engine.runtime import LlamaRuntime
 from edge.engine.tasks import pick_language
-from edge.engine.tools import (CALL_OPEN, CallWatch, ToolError, ToolSpec, ValueRule, call_gbnf, parse_calls,
-                               render_fallback)
+from edge.engine.tools import (
+    CALL_OPEN,
+    CallWatch,
+    ToolError,
+    ToolSpec,
+    ValueRule,
+    call_gbnf,
+    parse_calls,
+    render_fallback,
+)
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.settings import ChatSettings
 
@@ -85,7 +93,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def with_notes(messages: list[ChatMessage], labels: dict[str, str], notes: dict[str, dict[str, str]]) -> list[ChatMessage]:
+def with_notes(messages: list[ChatMessage], labels: dict[str, str],
+               notes: dict[str, dict[str, str]]) -> list[ChatMessage]:
     """Each user message whose text has a label gets that label's note (in its language) attached:
     the emotion hints of prompts/chat/hints.toml. A message's note depends on its text alone, so a
     history sent back renders the same tokens and stays in the cache."""

@@ -52,7 +52,8 @@ MAX_ENUMERATED_RANGE = 1000
 # JSON strings may not hold raw control characters; the converter's `char` rule allows them, which
 # would make `json.loads` fail on the output. llama.cpp's C++ converter excludes them; so do we.
 _CHAR_RULE = re.compile(r"^char ::= .*$", re.MULTILINE)
-_STRICT_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+_STRICT_CHAR_RULE = (r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] '
+                     r'[0-9a-fA-F])')
 _GBNF_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -104,21 +105,8 @@ def _children(schema: Mapping[str, Any]) -> Iterator[tuple[str, str, str | int |
             yield key, key, None, schema[key]
 
 
-def normalise_schema(schema: Any, where: str = "$") -> Any:
-    """A copy of `schema` the converter enforces exactly, or SchemaUnsupported naming what it cannot."""
-    if isinstance(schema, bool):
-        if schema:
-            return {}
-        raise SchemaUnsupported(f"{where}: the schema `false` allows nothing")
-    if not isinstance(schema, dict):
-        raise SchemaUnsupported(f"{where}: a schema must be a JSON object")
-    out = dict(schema)
-    ranged = _integer_range(schema, where)
-    for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        out.pop(key, None)
-    if ranged is not None:
-        out.pop("type")
-        out.update(ranged)
+def _check_keywords(out: dict, where: str) -> None:
+    """Every keyword of one schema level is one the converter enforces (or an annotation)."""
     unknown = sorted(set(out) - ENFORCED_KEYWORDS - ANNOTATION_KEYWORDS)
     if unknown:
         raise SchemaUnsupported(f"{where}: keyword {unknown[0]!r} is not supported by the grammar compiler")
@@ -130,8 +118,24 @@ def normalise_schema(schema: Any, where: str = "$") -> Any:
         raise SchemaUnsupported(f"{where}: string format {out['format']!r} is not supported by the grammar compiler")
     if isinstance(out.get("$ref"), str) and not out["$ref"].startswith("#/"):
         raise SchemaUnsupported(f"{where}: only local references ('#/...') are supported, not {out['$ref']!r}")
-    if "pattern" in out and not (str(out["pattern"]).startswith("^") and str(out["pattern"]).endswith("$")):
+    pattern = str(out.get("pattern", "^$"))
+    if not (pattern.startswith("^") and pattern.endswith("$")):
         raise SchemaUnsupported(f"{where}: a pattern must be anchored with ^ and $")
+
+
+def normalise_schema(schema: Any, where: str = "$") -> Any:
+    """A copy of `schema` the converter enforces exactly, or SchemaUnsupported naming what it cannot."""
+    if schema is True:
+        return {}
+    if not isinstance(schema, dict):
+        raise SchemaUnsupported(f"{where}: " + ("the schema `false` allows nothing" if schema is False
+                                                else "a schema must be a JSON object"))
+    out = {k: v for k, v in schema.items() if k not in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")}
+    ranged = _integer_range(schema, where)
+    if ranged is not None:
+        out.pop("type")
+        out.update(ranged)
+    _check_keywords(out, where)
     for label, key, member, sub in _children(schema):
         replaced = normalise_schema(sub, f"{where}.{label}")
         if member is None:

@@ -189,8 +189,8 @@ class LlamaRuntime:
         self._piece_cache: dict[int, bytes] = {}
         self.end_tokens = self._find_end_tokens()
         # control tokens that do not end generation (<|im_start|>...): never part of constrained output
-        self._control_ids = np.array(sorted(t for t in self.end_tokens if not llama_cpp.llama_vocab_is_eog(self.vocab, t)),
-                                     dtype=np.int64)
+        self._control_ids = np.array(
+            sorted(t for t in self.end_tokens if not llama_cpp.llama_vocab_is_eog(self.vocab, t)), dtype=np.int64)
         self._end_ids = np.array(sorted(self.end_tokens), dtype=np.int64)
         self._candidates: np.ndarray | None = None  # full-vocabulary sampling, built on first use
         self._partial_ids: np.ndarray | None = None  # tokens that are not whole characters, on first use
