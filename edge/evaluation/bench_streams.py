@@ -41,8 +41,8 @@ TASKS = (
 )
 REQUEST = ("Write a Python module that {task}, with docstrings, comments and tests, "
            "then explain step by step how it works.")
-# Short English texts for the mixed load when no --texts file is given: the peer's sentiment prompt
-# is the English one, so English texts keep both servers on the same prompt.
+# The short texts the mixed load classifies. English: the peer is given our English sentiment
+# prompt, and English texts keep our daemon on that same prompt.
 SHORT_TEXTS = (
     "I love this little box, it just works.", "The update broke everything and support never answered.",
     "Honestly the best purchase I made this year!", "My cat is sick and I feel terrible today.",
