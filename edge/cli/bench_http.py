@@ -60,7 +60,7 @@ def _print(report: dict) -> None:
             click.echo("targets: " + ", ".join(f"{k} {TARGETS[k]}: {verdicts[ok]}"
                                                for k, ok in report["targets_met"].items()))
     cols = ("server", "aggregate_tps", "per_stream_tps_median", "ttft_p50_ms", "ttft_p90_ms", "tokens_per_stream",
-            "rss_peak_mb")
+            "rss_peak_mb", "other_cpu_share")
     for row in report.get("concurrency", []):
         _table(f"{row['streams']} concurrent stream(s), {report['chat_tokens']} tokens each", cols, _rows(row))
         click.echo(_ratios(row.get("ratio_ours_over_peer")))
@@ -68,10 +68,10 @@ def _print(report: dict) -> None:
         m = report["mixed"]
         _table(f"mixed: {m['chat_streams']} chats + classification back to back, {m['window_s']:g} s window",
                ("server", "chat_aggregate_tps", "classifications", "classify_p50_ms", "classify_p90_ms", "errors",
-                "rss_peak_mb"), _rows(m))
+                "rss_peak_mb", "other_cpu_share"), _rows(m))
         click.echo(_ratios(m.get("ratio_ours_over_peer")))
     click.echo(f"load average (1/5/15 min) at start {report['load_start']}, at end {report['load_end']}; "
-               f"{report['cpu_count']} CPUs")
+               f"{report['cpu_count']} CPUs; other_cpu_share: the machine's CPU used by other processes in a turn")
 
 
 def _write_json(path: Path, report: dict) -> None:

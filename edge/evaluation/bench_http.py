@@ -28,6 +28,7 @@ from pathlib import Path
 
 from edge.evaluation import bench_streams as streams
 from edge.evaluation.http_servers import (
+    OtherCpu,
     OursSpec,
     PeerSpec,
     RssSampler,
@@ -131,10 +132,12 @@ class _Turns:
     def run(self, servers: Servers, name: str, phase: str, chat_slots: int, sentiment_slot: bool,
             work: Callable[[Server], dict], **tags: object) -> dict:
         before = _load()
-        with servers.turn(name, chat_slots, sentiment_slot) as server, RssSampler(server.pid) as rss:
+        with servers.turn(name, chat_slots, sentiment_slot) as server, RssSampler(server.pid) as rss, \
+                OtherCpu(server.pid) as others:
             figures = work(server)
             command, pid = server.command, server.pid
         record = {"phase": phase, "server": name, **tags, **figures, "load_before": before, "load_after": _load(),
+                  "other_cpu_share": others.share,
                   "command": command, "pid": pid,
                   "rss_peak_mb": round(rss.peak / 1e6) if rss.peak else None,
                   "rss_end_mb": round(rss.last / 1e6) if rss.last else None}
@@ -249,7 +252,7 @@ def _concurrency_summary(recs: list[dict]) -> dict:
             "per_stream_tps_median": round(statistics.median(t for rec in recs for t in rec["per_stream_tps"]), 2),
             "ttft_p50_ms": percentile(ttft, 50), "ttft_p90_ms": percentile(ttft, 90),
             "tokens_per_stream": round(statistics.mean(rec["tokens"] / rec["streams"] for rec in recs), 1),
-            "rss_peak_mb": max((rec["rss_peak_mb"] or 0 for rec in recs), default=None) or None}
+            **_turn_facts(recs)}
 
 
 def _mixed_summary(recs: list[dict]) -> dict:
@@ -259,8 +262,13 @@ def _mixed_summary(recs: list[dict]) -> dict:
                                        or [0.0]),
             "classify_p90_ms": _spread([rec["classify_p90_ms"] for rec in recs if rec["classify_p90_ms"] is not None]
                                        or [0.0]),
-            "errors": sum(len(rec["errors"]) for rec in recs),
-            "rss_peak_mb": max((rec["rss_peak_mb"] or 0 for rec in recs), default=None) or None}
+            "errors": sum(len(rec["errors"]) for rec in recs), **_turn_facts(recs)}
+
+
+def _turn_facts(recs: list[dict]) -> dict:
+    shares = [rec["other_cpu_share"] for rec in recs if rec["other_cpu_share"] is not None]
+    return {"rss_peak_mb": max((rec["rss_peak_mb"] or 0 for rec in recs), default=None) or None,
+            "other_cpu_share": _spread(shares) if shares else None}
 
 
 # figure of one turn -> how ours/peer is read: a ratio per repetition (the two turns of one repetition)

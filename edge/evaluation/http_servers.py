@@ -239,6 +239,39 @@ class RssSampler:
             self._thread.join(2)
 
 
+class OtherCpu:
+    """The share of the machine's CPU time that went to neither the server under test nor this
+    client while the block ran: the background load (other processes, the hypervisor's steal)
+    that makes one turn slower than another. 0.0 on a quiet machine, 1.0 when others had it all."""
+
+    def __init__(self, pid: int | None) -> None:
+        import psutil
+        self._procs = [psutil.Process()] + ([psutil.Process(pid)] if pid and pid != os.getpid() else [])
+        self.share: float | None = None
+
+    @staticmethod
+    def _busy() -> float:
+        import psutil
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def _ours(self) -> float:
+        import psutil
+        try:
+            return sum(sum(p.cpu_times()[:4]) for p in self._procs)   # user, system, children's
+        except psutil.Error:
+            return 0.0
+
+    def __enter__(self) -> "OtherCpu":
+        self._t0, self._busy0, self._ours0 = time.monotonic(), self._busy(), self._ours()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        capacity = (time.monotonic() - self._t0) * (os.cpu_count() or 1)
+        others = (self._busy() - self._busy0) - (self._ours() - self._ours0)
+        self.share = round(min(1.0, max(0.0, others / capacity)), 3) if capacity > 0 else None
+
+
 @dataclass
 class StreamResult:
     """One streamed reply as the client saw it (perf_counter seconds)."""
@@ -251,7 +284,8 @@ class StreamResult:
 
     @property
     def tokens(self) -> int:
-        return self.usage_tokens if self.usage_tokens is not None else self.chunks
+        # a reply cut short (request time limit) may report fewer tokens than were seen
+        return max(self.usage_tokens or 0, self.chunks)
 
 
 def _content(event: dict) -> str:
