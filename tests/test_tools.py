@@ -319,3 +319,32 @@ def test_home_assistants_prompt_is_paid_once(live):
                            ("zh later", zh_later)]:
             prompt, cached, _ = ask(body)
             assert cached / prompt >= 0.9, (name, cached, prompt)
+
+
+def test_argument_rules_keep_name_and_area_apart_and_the_target_first(engine):
+    """HA's prompt: "prefer passing just name and domain" / "just area name and domain"."""
+    from dataclasses import replace
+    spec = replace(parse_tools(HOUSE["tools"], "required"), rules=engine.chat.rules, system_text=HOUSE["system_prompt"])
+    grammar = Grammar(engine.rt, call_gbnf(spec, "forced"), "tools")
+
+    def next_texts(prefix: str) -> set[str]:
+        g = grammar.clone()
+        try:
+            for tok in engine.rt.tokenize(prefix, special=True):
+                assert tok in set(g.allowed().tolist()), prefix
+                g.accept(tok)
+            return {engine.rt.piece(int(t)).decode("utf-8", "replace") for t in g.allowed()}
+        finally:
+            g.close()
+    try:
+        after_name = next_texts('<tool_call>\n{"name": "HassLightSet", "arguments": {"name": "Desk lamp", "')
+        assert any(t.startswith("b") for t in after_name) and any(t.startswith("d") for t in after_name)
+        assert not any(t.startswith("a") for t in after_name)  # no area next to a name
+        # the value first: brightness comes before color, so a call can end right after it
+        after_color = next_texts('<tool_call>\n{"name": "HassLightSet", "arguments": {"name": "Desk lamp", '
+                                 '"color": "red", "')
+        assert not any(t.startswith("b") for t in after_color)
+        after_area = next_texts('<tool_call>\n{"name": "HassTurnOff", "arguments": {"area": "Kitchen", "')
+        assert not any(t.startswith("n") for t in after_area)
+    finally:
+        grammar.close()

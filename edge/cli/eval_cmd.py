@@ -126,17 +126,19 @@ def _task_command(name: str) -> click.Command:
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="GGUF file.")
 @click.option("--homes", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of recorded homes (default: homes/ next to FILE).")
-@click.option("--value-rules/--no-value-rules", default=True, show_default=True,
-              help="Narrow arguments to the values the home's prompt lists (prompts/tools/argument_values.toml).")
+@click.option("--rules", "rules_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Argument rules file (default: prompts/tools/argument_values.toml), to compare variants.")
+@click.option("--no-rules", is_flag=True, help="No argument rules: the model writes any value the schema allows.")
 @click.option("--temperature", type=float, default=None, help="Sampling temperature (default: the configured one).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed, for repeatable runs.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N cases.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML settings file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def tools(file: Path, model_path: Path, homes: Path | None, value_rules: bool, temperature: float | None, seed: int,
-          limit: int | None, config_file: Path | None, as_json: bool) -> None:
+def tools(file: Path, model_path: Path, homes: Path | None, rules_file: Path | None, no_rules: bool,
+          temperature: float | None, seed: int, limit: int | None, config_file: Path | None, as_json: bool) -> None:
     """Tool calls on Home Assistant's own prompts and tools: decision, tool name, arguments, validity."""
     from edge.engine.engine import Engine
+    from edge.engine.tools import ArgumentRules, load_rules
     from edge.engine.types import SamplingParams
     from edge.evaluation.tools_eval import ToolsDataError, evaluate, load_cases, load_homes
     try:
@@ -147,8 +149,8 @@ def tools(file: Path, model_path: Path, homes: Path | None, value_rules: bool, t
     except (SettingsError, ToolsDataError, PromptError, RuntimeError_, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        if not value_rules:
-            engine.chat.value_rules = ()
+        if no_rules or rules_file is not None:
+            engine.chat.rules = ArgumentRules() if no_rules else load_rules(rules_file)
         result = evaluate(engine, cases, recorded, SamplingParams(temperature=temperature, seed=seed),
                           progress=_progress_factory(not as_json)("tools"))
     finally:

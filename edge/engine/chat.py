@@ -42,7 +42,7 @@ from edge.engine.tools import (
     CallWatch,
     ToolError,
     ToolSpec,
-    ValueRule,
+    ArgumentRules,
     call_gbnf,
     parse_calls,
     render_fallback,
@@ -117,7 +117,7 @@ def split_volatile(text: str, patterns: list[re.Pattern]) -> tuple[str, str]:
 class ChatSessions:
     def __init__(self, rt: LlamaRuntime, template: ChatTemplate, personas: dict[str, str], slot_seqs: list[int],
                  defaults: ChatSettings, prefixes: PrefixCache, budget_tokens: int,
-                 value_rules: tuple[ValueRule, ...] = ()) -> None:
+                 rules: ArgumentRules = ArgumentRules()) -> None:
         self.rt = rt
         self.template = template
         self.personas = personas
@@ -125,7 +125,7 @@ class ChatSessions:
         self.defaults = defaults
         self.prefixes = prefixes
         self.budget_tokens = budget_tokens  # KV cells one conversation may occupy (prompt + reply)
-        self.value_rules = value_rules
+        self.rules = rules  # tool argument rules (prompts/tools/argument_values.toml)
         self.volatile = [re.compile(p) for p in defaults.volatile_lines]
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
         self._seen: Counter[str] = Counter()
@@ -341,9 +341,9 @@ class ChatSessions:
             fmt: ReplyFormat = ReplyFormat()) -> "GenerateJob":
         """A reply job (checked now: a prompt that cannot fit raises ContextOverflow here)."""
         max_tokens = params.max_tokens or self.defaults.max_tokens
-        if fmt.tools is not None:  # value rules read the client's own system prompt
+        if fmt.tools is not None:  # argument rules read the client's own system prompt
             system = messages[0].content if messages and messages[0].role == "system" else ""
-            fmt = replace(fmt, tools=replace(fmt.tools, value_rules=self.value_rules, system_text=system))
+            fmt = replace(fmt, tools=replace(fmt.tools, rules=self.rules, system_text=system))
             self.check_template_text(fmt.tools, messages)
         prompt = self.prompt(messages, max_tokens, fmt.tools)
         return GenerateJob(self, prompt, params, fmt, stats, emit, on_end,

@@ -27,7 +27,7 @@ from edge.engine.prefixes import Prefix, PrefixCache
 from edge.engine.runtime import LlamaRuntime, RuntimeConfig
 from edge.engine.task_runner import CompiledTask, InputError, Resources, TaskJob, TaskResult
 from edge.engine.tasks import GrammarError, PromptError, Prompts, load_prompts
-from edge.engine.tools import load_value_rules
+from edge.engine.tools import load_rules
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.model.gguf_check import check_gguf
 from edge.model.preflight import context_options, resolve_kv_cache_type
@@ -128,14 +128,14 @@ class Engine:
         for name, old in self.tasks.items():
             if compiled.get(name) is not old:
                 old.close()
-        value_rules = load_value_rules(Path(self.settings.prompts.dir) / "tools" / "argument_values.toml")
+        rules = load_rules(Path(self.settings.prompts.dir) / "tools" / "argument_values.toml")
         self.prefixes.clear()  # prefixes of the old prompts are stale
         old_chat = getattr(self, "chat", None)
         if old_chat is not None:
             old_chat.drop_idle()
         self.chat = ChatSessions(self.rt, self.template, prompts.chat_system, self.chat_seqs, self.settings.chat,
-                                 self.prefixes, self.chat_budget(), value_rules)
-        self.prompts, self.tasks, self.task_errors, self.value_rules = prompts, compiled, errors, value_rules
+                                 self.prefixes, self.chat_budget(), rules)
+        self.prompts, self.tasks, self.task_errors = prompts, compiled, errors
 
     def chat_budget(self) -> int:
         """KV cells one conversation may occupy: the context less the prefixes' share and one text."""

@@ -147,13 +147,17 @@ def normalise_schema(schema: Any, where: str = "$") -> Any:
     return out
 
 
-def schema_gbnf(schema: Any, where: str = "schema") -> str:
-    """GBNF for JSON matching `schema`; SchemaUnsupported (naming the part) when it cannot be enforced."""
+def schema_gbnf(schema: Any, where: str = "schema", prop_order: tuple[str, ...] = ()) -> str:
+    """GBNF for JSON matching `schema`, objects' properties in schema order (those named in
+    `prop_order` first); SchemaUnsupported (naming the part) when it cannot be enforced."""
     try:
         normal = normalise_schema(schema, "$")
     except SchemaUnsupported as exc:
         raise SchemaUnsupported(f"{where}: {exc}") from None
-    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    order: dict[str, int] = {}
+    for i, name in enumerate(prop_order):
+        order.setdefault(name, i)  # a name listed twice keeps its first place
+    converter = SchemaConverter(prop_order=order, allow_fetch=False, dotall=False, raw_pattern=False)
     try:
         resolved = converter.resolve_refs(normal, "input")
         converter.visit(resolved, "")

@@ -12,9 +12,10 @@ messages (README: "Tool calls").
 
 What the model writes after `<tool_call>` is constrained by a grammar built from the tools' JSON
 schemas (llama.cpp's converter): the name is one of the given tools and the arguments validate
-against that tool's schema, by construction. ARGUMENT_VALUES (prompts/tools/argument_values.toml)
-can narrow string arguments further to values the client listed in its system prompt, e.g. the
-names and areas of the devices Home Assistant exposes.
+against that tool's schema, by construction. The argument rules (prompts/tools/argument_values.toml)
+narrows string arguments to values the client listed in its system prompt (the names and areas of
+the devices Home Assistant exposes), keeps arguments apart that its instructions say not to combine,
+and orders them.
 """
 from __future__ import annotations
 
@@ -61,12 +62,22 @@ class ValueRule:
 
 
 @dataclass(frozen=True)
+class ArgumentRules:
+    """prompts/tools/argument_values.toml: how a client that lists what exists in its prompt
+    (Home Assistant) narrows tool arguments. They apply to a request only when its system prompt
+    lists values for at least one value rule."""
+    values: tuple[ValueRule, ...] = ()
+    exclusive: tuple[tuple[str, ...], ...] = ()   # at most one argument of each group in a call
+    order: tuple[str, ...] = ()                   # these arguments are written first, in this order
+
+
+@dataclass(frozen=True)
 class ToolSpec:
     tools: tuple[Tool, ...]
     choice: str = "auto"      # auto | none | required | the name of one tool
     parallel: bool = True
-    value_rules: tuple[ValueRule, ...] = ()
-    system_text: str = ""     # the client's system prompt, where value rules look
+    rules: ArgumentRules = ArgumentRules()
+    system_text: str = ""     # the client's system prompt, where the rules look
 
     @property
     def active(self) -> bool:
@@ -115,19 +126,21 @@ def _choice(choice: Any, names: list[str]) -> str:
     return name
 
 
-# -- value rules ----------------------------------------------------------------------------------
+# -- argument rules -------------------------------------------------------------------------------
 
-def load_value_rules(path: Path) -> tuple[ValueRule, ...]:
-    """Rules from a TOML file: [[rule]] argument = "name", pattern = "...", separator = ", "."""
+def load_rules(path: Path) -> ArgumentRules:
+    """[[rule]] argument/pattern/separator, [[exclusive]] arguments, [order] first."""
     if not path.exists():
-        return ()
+        return ArgumentRules()
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
-        rules = [ValueRule(r["argument"], re.compile(r["pattern"], re.MULTILINE), r.get("separator", ""))
-                 for r in table.get("rule", [])]
+        values = tuple(ValueRule(r["argument"], re.compile(r["pattern"], re.MULTILINE), r.get("separator", ""))
+                       for r in table.get("rule", []))
+        exclusive = tuple(tuple(group["arguments"]) for group in table.get("exclusive", []))
+        order = tuple(table.get("order", {}).get("first", []))
     except (tomllib.TOMLDecodeError, KeyError, TypeError, re.error, UnicodeDecodeError) as exc:
         raise GrammarError(f"{path}: {exc}") from None
-    return tuple(rules)
+    return ArgumentRules(values, exclusive, order)
 
 
 def listed_values(rule: ValueRule, text: str) -> list[str]:
@@ -141,16 +154,23 @@ def listed_values(rule: ValueRule, text: str) -> list[str]:
     return values
 
 
-def _narrow(schema: dict, rules: tuple[ValueRule, ...], text: str) -> dict:
-    """`schema` with each ruled string argument (or list of strings) limited to the values the
-    client listed; a ruled argument it listed no value for is left out (unless required): in a
-    prompt that lists what exists, a value it does not list cannot be right."""
+def applicable(spec: ToolSpec) -> ArgumentRules:
+    """The rules, when the client's prompt lists values for any value rule (it is a prompt of that
+    kind); no rules otherwise."""
+    lists = any(listed_values(r, spec.system_text) for r in spec.rules.values)
+    return spec.rules if lists else ArgumentRules()
+
+
+def _narrow_values(schema: dict, rules: ArgumentRules, text: str) -> dict:
+    """Each ruled string argument (or list of strings) limited to the values the client listed; a
+    ruled argument it listed no value for is left out (unless required): in a prompt that lists
+    what exists, a value it does not list cannot be right."""
     props = schema.get("properties")
     if not isinstance(props, dict):
         return schema
     required = set(schema.get("required") or [])
     out = dict(props)
-    for rule in rules:
+    for rule in rules.values:
         prop = props.get(rule.argument)
         if not isinstance(prop, dict) or "enum" in prop or "const" in prop:
             continue
@@ -164,10 +184,22 @@ def _narrow(schema: dict, rules: tuple[ValueRule, ...], text: str) -> dict:
     return {**schema, "properties": out}
 
 
-def narrowed(spec: ToolSpec) -> tuple[ValueRule, ...]:
-    """The value rules that apply: all of them when the client's prompt lists values for any
-    (it is a prompt of that kind), none otherwise."""
-    return spec.value_rules if any(listed_values(r, spec.system_text) for r in spec.value_rules) else ()
+def _exclusive(schema: dict, rules: ArgumentRules) -> dict:
+    """An arguments schema where each exclusive group's arguments cannot come together: one
+    alternative per member, without the group's other members."""
+    props = schema.get("properties") or {}
+    for group in rules.exclusive:
+        present = [a for a in group if a in props and a not in set(schema.get("required") or [])]
+        if len(present) < 2:
+            continue
+        variants = [{**schema, "properties": {k: v for k, v in props.items() if k == keep or k not in present}}
+                    for keep in present]
+        return {"anyOf": [_exclusive(v, rules) for v in variants]}
+    return schema
+
+
+def arguments_schema(tool: Tool, rules: ArgumentRules, text: str) -> dict:
+    return _exclusive(_narrow_values(tool.parameters, rules, text), rules)
 
 
 # -- grammar --------------------------------------------------------------------------------------
@@ -175,9 +207,10 @@ def narrowed(spec: ToolSpec) -> tuple[ValueRule, ...]:
 def call_schema(spec: ToolSpec) -> dict:
     """The JSON schema of one call: {"name": <a tool>, "arguments": <its arguments>}."""
     tools = [t for t in spec.tools if spec.choice in CHOICES or t.name == spec.choice]
+    rules = applicable(spec)
     return {"anyOf": [{"type": "object", "properties": {
         "name": {"const": t.name},
-        "arguments": _narrow(t.parameters, narrowed(spec), spec.system_text)},
+        "arguments": arguments_schema(t, rules, spec.system_text)},
         "required": ["name", "arguments"]} for t in tools]}
 
 
@@ -190,7 +223,7 @@ def call_gbnf(spec: ToolSpec, start: str) -> str:
     - opened: the model wrote `<tool_call>` (it chose to call);
     - bare: the model opened a reply with `{`, a call without its tags: one call."""
     try:
-        body = schema_gbnf(call_schema(spec), "tools")
+        body = schema_gbnf(call_schema(spec), "tools", prop_order=("name", "arguments", *applicable(spec).order))
     except SchemaUnsupported as exc:
         raise ToolError(f"a tool's parameters cannot be enforced: {exc}") from None
     body = re.sub(r"^root ::=", "call-json ::=", body, count=1, flags=re.MULTILINE)
