@@ -132,10 +132,13 @@ def _task_command(name: str) -> click.Command:
 @click.option("--temperature", type=float, default=None, help="Sampling temperature (default: the configured one).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed, for repeatable runs.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N cases.")
+@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Use every N-th case (a sample across homes, languages and categories, to compare variants).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML settings file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def tools(file: Path, model_path: Path, homes: Path | None, rules_file: Path | None, no_rules: bool,
-          temperature: float | None, seed: int, limit: int | None, config_file: Path | None, as_json: bool) -> None:
+          temperature: float | None, seed: int, limit: int | None, every: int, config_file: Path | None,
+          as_json: bool) -> None:
     """Tool calls on Home Assistant's own prompts and tools: decision, tool name, arguments, validity."""
     from edge.engine.engine import Engine
     from edge.engine.tools import ArgumentRules, load_rules
@@ -144,7 +147,7 @@ def tools(file: Path, model_path: Path, homes: Path | None, rules_file: Path | N
     try:
         settings = load_settings(config_file)
         recorded = load_homes(homes or file.parent / "homes")
-        cases = load_cases(file, recorded)[:limit]
+        cases = load_cases(file, recorded)[::every][:limit]
         engine = Engine.load(model_path, settings)
     except (SettingsError, ToolsDataError, PromptError, RuntimeError_, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
