@@ -107,6 +107,9 @@ class ChatSettings(BaseModel):
         default_factory=lambda: list(VOLATILE_LINES),
         description="Regexes of system-prompt lines moved to the end of the system turn, so the stable part "
                     "before them is a reusable prefix (Home Assistant's current time)")
+    tool_call_bias: float = Field(0.0, ge=-10, le=10, description="Added to the logits of the tokens that open "
+                                                                  "a tool call at a reply's first token, when tools "
+                                                                  "are offered (tool choice auto): >0 calls more")
     emotion_hints: bool = Field(False, description="Tell the assistant the emotion task's label of each user "
                                                    "message (/v1/respond, `qwen-edge chat`)")
 

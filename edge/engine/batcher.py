@@ -189,6 +189,7 @@ class Batcher:
                 job.release()
             except Exception:
                 log.exception("releasing a job failed")
+            job.released = True
 
     def cancel_all(self, exc: BaseException) -> None:
         for job in self.jobs:

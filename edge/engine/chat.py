@@ -130,6 +130,7 @@ class ChatSessions:
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
         self._seen: Counter[str] = Counter()
         self._grammars: OrderedDict[str, Grammar] = OrderedDict()
+        self._openers: np.ndarray | None = None
         self._eot = self._end_of_turn()
 
     def _end_of_turn(self) -> set[int]:
@@ -317,6 +318,18 @@ class ChatSessions:
             return None
         return top_k + (PENALTY_LAST_N if self.defaults.repeat_penalty != 1.0 else 0)
 
+    def call_openers(self) -> np.ndarray:
+        """Tokens a reply that calls a tool can start with: `<tool_call>` (or its first piece), `{`,
+        a Markdown fence. chat.tool_call_bias is added to them at a reply's first token."""
+        if self._openers is None:
+            def opens(piece: str) -> bool:
+                text = piece.lstrip()
+                return bool(text) and (CALL_OPEN.startswith(text) or text.startswith((CALL_OPEN, "{"))
+                                       or any(f.startswith(text) for f in BARE_OPENERS))
+            self._openers = np.array([t for t in range(self.rt.n_vocab)
+                                      if opens(self.rt.piece(t).decode("utf-8", "replace"))], dtype=np.int64)
+        return self._openers
+
     def check_template_text(self, tools: ToolSpec, messages: list[ChatMessage]) -> None:
         """Tool definitions and calls are written by the template, tokenized with special tokens:
         a control token in them (e.g. `<|im_start|>` in a description) is refused, never obeyed."""
@@ -429,6 +442,8 @@ class GenerateJob(Job):
             # a reply is never empty: clients show nothing, and Home Assistant fails on an empty
             # answer after a tool result
             first = not self.generated and not self.text
+            if first and self.watch is not None and self.s.defaults.tool_call_bias:
+                logits[self.s.call_openers()] += self.s.defaults.tool_call_bias
             return self.rt.sample(self.chain, self.rt.without_end(logits) if first else logits, self.preselect)
         if self.call_first is not None:
             return self._sample_first(logits, self.grammar, self.call_first)

@@ -167,7 +167,7 @@ class Engine:
         with self.lock:
             for job in jobs:
                 self.batcher.submit(job)
-            while not all(j.done for j in jobs) or any(j in self.batcher.jobs for j in jobs):
+            while not all(j.released for j in jobs):
                 self.batcher.step()
 
     def step(self) -> bool:
@@ -251,7 +251,7 @@ class Engine:
             while True:
                 while pieces:
                     yield pieces.popleft()
-                if job.done and job not in self.batcher.jobs:
+                if job.released:
                     break
                 self.step()
             while pieces:
@@ -259,7 +259,7 @@ class Engine:
             if job.error is not None:
                 raise job.error
         finally:
-            if job in self.batcher.jobs:
+            if not job.released:
                 job.cancel_requested = True
                 self.step()  # ends it and frees the slot
 

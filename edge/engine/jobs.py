@@ -31,6 +31,7 @@ class Job:
         self.created = time.monotonic()
         self.deadline: float | None = None
         self.needs_logits = True  # feed() wants the logits of the last pending token
+        self.released = False     # the batcher has ended it and given its resources back
 
     @property
     def cancelled(self) -> bool:

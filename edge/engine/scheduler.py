@@ -252,7 +252,7 @@ class Scheduler:
 
     def _finished(self, request: TaskRequest | ChatHandle) -> bool:
         if isinstance(request, ChatHandle):
-            return request.job is None or request.job.done and request.job not in self.engine.batcher.jobs
+            return request.job is None or request.job.released
         return request.future.done()
 
     def _build(self, request: TaskRequest | ChatHandle) -> None:
