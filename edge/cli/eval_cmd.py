@@ -1,6 +1,7 @@
 """`qwen-edge eval TASK FILE --model M`: any task on labelled data (label tasks: accuracy, macro-F1,
-confusion, latency, agreement between models; JSON tasks: per-field exact match and validity), and
-`qwen-edge eval tools FILE.jsonl`: tool calls on Home Assistant's own prompts."""
+confusion, latency, agreement between models; JSON tasks: per-field exact match and validity),
+`qwen-edge eval tools FILE.jsonl`: tool calls on Home Assistant's own prompts, and
+`qwen-edge eval chat FILE.jsonl`: free-text replies (language, refusals, parroting, truncation)."""
 from __future__ import annotations
 
 import json
@@ -14,11 +15,11 @@ from edge.evaluation.datasets import SPLITS, DatasetError, read_tsv, select
 from edge.evaluation.task_eval import evaluate, evaluate_json, read_json_cases
 from edge.settings import Settings, SettingsError, load_settings
 
-SPECIAL = ("tools",)  # evaluations that are not a task's
+SPECIAL = ("tools", "chat")  # evaluations that are not a task's
 
 
 class EvalGroup(click.Group):
-    """`eval tools` is its own command; any other name is a task in prompts/tasks/."""
+    """`eval tools` and `eval chat` are their own commands; any other name is a task in prompts/tasks/."""
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         return super().get_command(ctx, name) or _task_command(name)
@@ -30,7 +31,7 @@ class EvalGroup(click.Group):
 @click.group("eval", cls=EvalGroup)
 def eval_group() -> None:
     """Measure the model on labelled data: `eval TASK FILE --model M` (e.g. sentiment, emotion,
-    spam, extract) or `eval tools FILE.jsonl --model M`."""
+    spam, extract), `eval tools FILE.jsonl --model M` or `eval chat FILE.jsonl --model M`."""
 
 
 def _progress_factory(enabled: bool):
@@ -168,3 +169,44 @@ def tools(file: Path, model_path: Path, homes: Path | None, rules_file: Path | N
                    f"latency p50 {row['latency_p50_ms']:.0f} ms p90 {row['latency_p90_ms']:.0f} ms")
     for category, rate in result["by_category"].items():
         click.echo(f"  {category:16} {rate:.1%}")
+
+
+@eval_group.command("chat")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="GGUF file.")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (default: the configured one).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed, for repeatable runs.")
+@click.option("--split", type=click.Choice(SPLITS), default="all", show_default=True,
+              help="'tune' = the ~30 % of conversations used for tuning (hash of the id), 'heldout' = the rest.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N conversations.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML settings file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, every reply included.")
+def chat(file: Path, model_path: Path, temperature: float | None, seed: int, split: str, limit: int | None,
+         config_file: Path | None, as_json: bool) -> None:
+    """Free-text replies to the conversations of FILE: in the user's language, refusals, parroting,
+    empty or truncated, length, TTFT, tokens/s (definitions: edge/evaluation/chat_eval.py)."""
+    from edge.engine.engine import Engine
+    from edge.engine.types import SamplingParams
+    from edge.evaluation.chat_eval import evaluate, load_cases
+    if not model_path.is_file():
+        raise click.ClickException(f"model file not found: {model_path}")
+    try:
+        settings = load_settings(config_file)
+        cases = load_cases(file, split, limit)
+        engine = Engine.load(model_path, settings)
+    except (SettingsError, DatasetError, PromptError, RuntimeError_, OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        result = evaluate(engine, cases, SamplingParams(temperature=temperature, seed=seed),
+                          progress=_progress_factory(not as_json)("chat"))
+    finally:
+        engine.close()
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+        return
+    rows = [("all", result["all"]), *result["by_language"].items(), *result["by_category"].items()]
+    for name, row in rows:
+        click.echo(f"{name:10} n={row['n']:3}  in language {row['in_language_rate']:.1%}  refusals "
+                   f"{row['refusals']}  verbatim {row['verbatim']}  near-verbatim {row['near_verbatim']}  "
+                   f"empty {row['empty']}  truncated {row['truncated']}  median {row['median_chars']:.0f} chars  "
+                   f"TTFT p50 {row['ttft_p50_ms']:.0f} ms  {row['tokens_per_s_p50']:.1f} tok/s")
