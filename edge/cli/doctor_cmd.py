@@ -72,12 +72,13 @@ def _model_entry(report: ModelFileReport, settings: Settings, budget: int, measu
     kv = plan.estimate.kv_cache_type
     entry.update(estimate=plan.estimate.to_dict(), fits=plan.fits, fit_message=plan.message)
     if measure:
-        from edge.model.measure import MeasureError, measure_memory
+        from edge.engine.config import runtime_config
+        from edge.engine.measure import MeasureError, measure_memory
         from edge.model.memory import PYTHON_RUNTIME_BYTES, estimate_memory
         bare = estimate_memory(report.info, m.n_ctx, kv, runtime_bytes=PYTHON_RUNTIME_BYTES,
                                **context_options(m, report.info))
         try:
-            got = measure_memory(report.path, m.n_ctx, kv, **context_options(m, report.info))
+            got = measure_memory(report.path, runtime_config(report.info, settings, kv))
             error = (bare.total_bytes - got.rss_bytes) / got.rss_bytes
             entry["measured"] = {"rss_bytes": got.rss_bytes, "peak_rss_bytes": got.peak_rss_bytes,
                                  "estimate_bare_bytes": bare.total_bytes, "error": round(error, 4),

@@ -22,13 +22,13 @@ from edge.engine.chat import ChatSessions, GenerateJob, ReplyFormat, with_notes
 from edge.engine.chat_template import ChatTemplate
 from edge.engine.jobs import Job, PrefixJob
 from edge.engine.prefixes import Prefix, PrefixCache
-from edge.engine.runtime import LlamaRuntime, RuntimeConfig
+from edge.engine.config import runtime_config
+from edge.engine.runtime import LlamaRuntime
 from edge.engine.task_runner import CompiledTask, InputError, Resources, TaskJob, TaskResult
 from edge.engine.tasks import GrammarError, PromptError, Prompts, load_prompts
 from edge.engine.tools import load_value_rules
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.model.gguf_check import check_gguf
-from edge.model.preflight import context_options, resolve_kv_cache_type
 from edge.settings import Settings, cache_dir
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,7 @@ class Engine:
     @classmethod
     def load(cls, model_path: Path | str, settings: Settings) -> "Engine":
         info = check_gguf(model_path)  # a hostile or broken file is refused here, before llama.cpp parses it
-        m = settings.model
-        rt = LlamaRuntime(model_path, RuntimeConfig(n_ctx=m.n_ctx, n_threads=m.n_threads,
-                                                    kv_cache_type=resolve_kv_cache_type(info, settings),
-                                                    **context_options(m, info)))
+        rt = LlamaRuntime(model_path, runtime_config(info, settings))
         try:
             return cls(rt, settings)
         except Exception:

@@ -14,11 +14,12 @@ import ctypes
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
+
+from edge.engine.config import RuntimeConfig
 
 log = logging.getLogger(__name__)
 _llama_log = logging.getLogger("edge.llama_cpp")
@@ -47,16 +48,47 @@ class KVCacheFull(RuntimeError_):
     """No room left in the KV cache for this batch; the caller may evict sequences and retry."""
 
 
-@dataclass(frozen=True)
-class RuntimeConfig:
-    n_ctx: int = 2048
-    n_batch: int = 512
-    n_ubatch: int = 256
-    n_threads: int = 0
-    n_seq_max: int = 16
-    kv_cache_type: str = "q8_0"
-    flash_attn: bool = True
-    mmap: bool = False
+def context_params(config: RuntimeConfig) -> llama_cpp.llama_context_params:
+    """llama.cpp's context parameters for `config`: its defaults except what the config says."""
+    threads = config.n_threads or physical_cores()
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = config.n_ctx
+    cparams.n_batch = config.n_batch
+    cparams.n_ubatch = min(config.n_ubatch, config.n_batch)
+    cparams.n_seq_max = config.n_seq_max
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.kv_unified = True  # one pool of cells shared by all sequences; seq_cp shares cells
+    cparams.type_k = KV_CACHE_TYPES[config.kv_cache_type]
+    cparams.type_v = KV_CACHE_TYPES[config.kv_cache_type]
+    if config.flash_attn is not None:
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    cparams.no_perf = True
+    return cparams
+
+
+def init_backend() -> None:
+    """Once per process, before the first model load."""
+    global _BACKEND_READY
+    if not _BACKEND_READY:
+        keep_heap_small()  # before the model load frees its big read buffers
+        llama_cpp.llama_backend_init()
+        _BACKEND_READY = True
+
+
+def load_model(path: Path, mmap: bool) -> llama_cpp.llama_model_p:
+    """Load the weights of `path` (read, or mapped and then `drop_mapped_pages`); RuntimeError_ when
+    llama.cpp refuses the file."""
+    init_backend()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.load_mode = load_mode(mmap)
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise RuntimeError_(f"llama.cpp could not load {path}")
+    if mmap:
+        drop_mapped_pages(path)
+    return model
 
 
 def load_mode(mmap: bool) -> int:
@@ -147,35 +179,10 @@ def _whole_utf8(data: bytes) -> bool:
 
 class LlamaRuntime:
     def __init__(self, model_path: Path | str, config: RuntimeConfig = RuntimeConfig()) -> None:
-        global _BACKEND_READY
-        if not _BACKEND_READY:
-            keep_heap_small()  # before the model load frees its big read buffers
-            llama_cpp.llama_backend_init()
-            _BACKEND_READY = True
         self.path = Path(model_path)
         self.config = config
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.load_mode = load_mode(config.mmap)
-        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self.model:
-            raise RuntimeError_(f"llama.cpp could not load {self.path}")
-        if config.mmap:
-            drop_mapped_pages(self.path)
-        threads = config.n_threads or physical_cores()
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = config.n_ctx
-        cparams.n_batch = config.n_batch
-        cparams.n_ubatch = min(config.n_ubatch, config.n_batch)
-        cparams.n_seq_max = config.n_seq_max
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.kv_unified = True  # one pool of cells shared by all sequences; seq_cp shares cells
-        cparams.type_k = KV_CACHE_TYPES[config.kv_cache_type]
-        cparams.type_v = KV_CACHE_TYPES[config.kv_cache_type]
-        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn
-                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        cparams.no_perf = True
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        self.model = load_model(self.path, config.mmap)
+        self.ctx = llama_cpp.llama_init_from_model(self.model, context_params(config))
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise RuntimeError_(f"llama.cpp could not create a context (n_ctx={config.n_ctx}) for {self.path}")

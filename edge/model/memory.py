@@ -35,14 +35,14 @@ MIB = 1 << 20
 # bytes per element of the KV cache types the settings allow
 KV_BYTES_PER_ELEMENT: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32}
 KV_PADDING = 256                       # llama.cpp rounds the cache size up to this many cells
-# Calibrated: python -m edge.model.measure on the stand-in and Qwen1.5-shaped files (BENCHMARKS.md).
+# Calibrated: python -m edge.engine.measure on the stand-in and Qwen1.5-shaped files (BENCHMARKS.md).
 COMPUTE_FIXED_BYTES = 48 * MIB
 COMPUTE_FLOATS_PER_TOKEN = {"n_ff": 3, "n_embd": 6}
 # RSS of python with numpy, llama_cpp, gguf and the settings (pydantic) imported, before loading:
 PYTHON_RUNTIME_BYTES = 59 * MIB
 # On top, in the daemon: fastapi, uvicorn, prometheus-client (11 MiB), engine state, threads. Measured:
 # `qwen-edge serve` with Qwen1.5-shaped Q4_K_M after three ~900-token chats, 858 MB vs 804 MB for
-# `python -m edge.model.measure` with the same settings.
+# `python -m edge.engine.measure` with the same settings.
 DAEMON_EXTRA_BYTES = 50 * MIB
 CGROUP_V2_MAX = Path("/sys/fs/cgroup/memory.max")
 CGROUP_V1_LIMIT = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
