@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge.api.serving import ClientGone, MemoryPressure, NotReady, RequestTimeout
+from edge.api.admission import ClientGone, MemoryPressure, NotReady, RequestTimeout
 from edge.engine.batcher import ContextFull
 from edge.engine.chat import ContextOverflow
 from edge.engine.engine import TaskUnavailable

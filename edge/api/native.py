@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge.api.common import ClientMessage, ndjson, sampling, serving_of, streaming, to_chat_messages
 from edge.api.errors import ApiError
 from edge.api.security import check_text_length
-from edge.api.serving import ChatStream
+from edge.api.streaming import ChatStream
 from edge.engine.chat import with_notes
 from edge.engine.engine import EMOTION, SENTIMENT
 from edge.engine.task_runner import TaskResult

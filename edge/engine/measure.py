@@ -91,7 +91,8 @@ def child_arguments(config: RuntimeConfig) -> list[str]:
 def _fill_context(model_path: str, config: RuntimeConfig) -> int:
     import llama_cpp  # only in the child: a crash here must not take the caller down
 
-    from edge.engine.runtime import RuntimeError_, context_params, load_model, release_free_heap
+    from edge.engine.process_memory import release_free_heap
+    from edge.engine.runtime import RuntimeError_, context_params, load_model
 
     logging.basicConfig(stream=sys.stderr, format="%(message)s")
     logging.getLogger("edge.llama_cpp").setLevel(logging.DEBUG)   # buffer sizes go to stderr
