@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
-from edge.engine.runtime import RuntimeError_
+from edge.cli.common import friendly_errors
 from edge.engine.tasks import PromptError, TaskSpec, load_task
 from edge.evaluation.datasets import SPLITS, DatasetError, read_tsv, select
 from edge.evaluation.task_eval import evaluate, evaluate_json, read_json_cases
-from edge.settings import Settings, SettingsError, load_settings
+from edge.settings import Settings, load_settings
 
 SPECIAL = ("tools",)  # evaluations that are not a task's
 
@@ -101,7 +101,7 @@ def _task_command(name: str) -> click.Command:
         for m in models:
             if not m.is_file():
                 raise click.ClickException(f"model file not found: {m}")
-        try:
+        with friendly_errors(ValueError):  # besides the user errors: refusals of the evaluation's options
             settings = load_settings(config_file, prompts={"language": language})
             folder = settings.prompts.dir / "tasks" / name
             if not folder.is_dir():
@@ -110,8 +110,6 @@ def _task_command(name: str) -> click.Command:
                              settings.prompts.max_text_tokens)
             result, show = _run(name, spec, settings, file, models, split, limit, language,
                                 _progress_factory(not quiet and not as_json))
-        except (SettingsError, DatasetError, PromptError, RuntimeError_, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
         if as_json:
             click.echo(json.dumps(result, ensure_ascii=False))
         else:
@@ -137,14 +135,12 @@ def tools(file: Path, model_path: Path, homes: Path | None, value_rules: bool, t
     """Tool calls on Home Assistant's own prompts and tools: decision, tool name, arguments, validity."""
     from edge.engine.engine import Engine
     from edge.engine.types import SamplingParams
-    from edge.evaluation.tools_eval import ToolsDataError, evaluate, load_cases, load_homes
-    try:
+    from edge.evaluation.tools_eval import evaluate, load_cases, load_homes
+    with friendly_errors(ValueError):  # besides the user errors: Engine.load's refusal of the settings
         settings = load_settings(config_file)
         recorded = load_homes(homes or file.parent / "homes")
         cases = load_cases(file, recorded)[:limit]
         engine = Engine.load(model_path, settings)
-    except (SettingsError, ToolsDataError, PromptError, RuntimeError_, OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
     try:
         if not value_rules:
             engine.chat.value_rules = ()
