@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from edge.api.admission import ClientGone
 from edge.api.errors import ApiError, classify_exception, message_of
 from edge.api.security import check_text_length
-from edge.api.admission import ClientGone
 from edge.api.serving import ServingState
 from edge.api.streaming import ChatStream
 from edge.engine.chat import ReplyFormat

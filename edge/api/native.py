@@ -47,7 +47,8 @@ class Message(BaseModel):
 class RespondRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, description="The user's message (shortcut for one user message)")
-    messages: list[Message] | None = Field(None, description="Whole conversation; sentiment is of the last user message")
+    messages: list[Message] | None = Field(None,
+                                           description="Whole conversation; sentiment is of the last user message")
     stream: bool = False
     language: Literal["zh", "en"] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -138,7 +139,7 @@ async def _with_emotion_hints(request: Request, messages: list[ChatMessage]) -> 
     users = [m.content for m in messages if m.role == "user"]
     missing = engine.unknown_emotions(users)
     if missing:
-        for text, result in zip(missing, await run_task(request, EMOTION, missing, None)):
+        for text, result in zip(missing, await run_task(request, EMOTION, missing, None), strict=True):
             engine.remember_emotion(text, result.label or "")
     return with_notes(messages, engine.known_emotions(users), engine.prompts.emotion_hints)
 

@@ -24,8 +24,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.common import (ClientMessage, json_grammar, ndjson, open_chat, refuse_images, reply_format, sampling,
-                             serving_of, streaming, to_chat_messages)
+from edge.api.common import (
+    ClientMessage,
+    json_grammar,
+    ndjson,
+    open_chat,
+    refuse_images,
+    reply_format,
+    sampling,
+    serving_of,
+    streaming,
+    to_chat_messages,
+)
 from edge.api.errors import ApiError
 from edge.api.serving import ServingState
 from edge.api.streaming import ChatStream

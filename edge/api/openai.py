@@ -16,8 +16,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.common import (ClientMessage, json_grammar, open_chat, refuse_fields, reply_format, sampling, serving_of,
-                             sse, streaming, to_chat_messages)
+from edge.api.common import (
+    ClientMessage,
+    json_grammar,
+    open_chat,
+    refuse_fields,
+    reply_format,
+    sampling,
+    serving_of,
+    sse,
+    streaming,
+    to_chat_messages,
+)
 from edge.api.errors import ApiError, error_body
 from edge.api.streaming import ChatStream
 from edge.engine.grammar import JSON_OBJECT_GBNF

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from edge.api.access import add_usage
-from edge.api.admission import (POLL_S, ClientGone, MemoryMonitor, MemoryPressure, NotReady, RequestTimeout,
-                                admit)
+from edge.api.admission import POLL_S, ClientGone, MemoryMonitor, MemoryPressure, NotReady, RequestTimeout, admit
 from edge.api.model_facts import model_facts
 from edge.api.streaming import ChatStream, LoopWaker, loop_waker
 from edge.engine.chat import ReplyFormat

@@ -19,14 +19,20 @@ SUBCOMMANDS = {"http": "edge.cli.bench_http:bench_http", "load": "edge.cli.bench
 
 
 def _print_human(r: dict) -> None:
-    rows = [("sentiment p50 / p90 / p99 (ms)", f"{r['sentiment_p50_ms']:.0f} / {r['sentiment_p90_ms']:.0f} / {r['sentiment_p99_ms']:.0f}"),
-            ("naive p50 / p90 / p99 (ms)", f"{r['naive_sentiment_p50_ms']:.0f} / {r['naive_sentiment_p90_ms']:.0f} / {r['naive_sentiment_p99_ms']:.0f}"),
+    rows = [("sentiment p50 / p90 / p99 (ms)",
+             f"{r['sentiment_p50_ms']:.0f} / {r['sentiment_p90_ms']:.0f} / {r['sentiment_p99_ms']:.0f}"),
+            ("naive p50 / p90 / p99 (ms)",
+             f"{r['naive_sentiment_p50_ms']:.0f} / {r['naive_sentiment_p90_ms']:.0f} / "
+             f"{r['naive_sentiment_p99_ms']:.0f}"),
             ("floor p50 / p90 (ms)", f"{r['floor_sentiment_p50_ms']:.0f} / {r['floor_sentiment_p90_ms']:.0f}"),
             ("p50 / floor p50", f"{r['p50_vs_floor']:.3f}"),
             ("naive p90 / engine p90", f"{r['naive_p90_over_engine_p90']:.2f}x"),
-            ("bulk items/s (prefill bound)", f"{r['bulk_items_per_s']:.2f} ({r['prefill_bound_items_per_s']:.2f}, ratio {r['bulk_vs_prefill_bound']:.3f})"),
+            ("bulk items/s (prefill bound)",
+             f"{r['bulk_items_per_s']:.2f} ({r['prefill_bound_items_per_s']:.2f}, "
+             f"ratio {r['bulk_vs_prefill_bound']:.3f})"),
             ("chat TTFT (ms)", f"{r['chat_ttft_ms']:.0f}"),
-            ("chat decode / raw decode (tok/s)", f"{r['chat_decode_tps']:.1f} / {r['raw_decode_tps']:.1f} (ratio {r['chat_decode_vs_raw']:.3f})"),
+            ("chat decode / raw decode (tok/s)",
+             f"{r['chat_decode_tps']:.1f} / {r['raw_decode_tps']:.1f} (ratio {r['chat_decode_vs_raw']:.3f})"),
             ("peak RSS (MB)", f"{r['peak_rss_mb']:.0f}")]
     for name, value in rows:
         click.echo(f"{name:<36} {value}")

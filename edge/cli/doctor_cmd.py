@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from edge.doctor import run_doctor
 from edge.cli.common import setting_option, settings_from
+from edge.doctor import run_doctor
 
 MIB = 1 << 20
 

@@ -31,6 +31,7 @@ def _answer(task: str, text: str | None, in_file: Path | None, out_file: Path | 
             r = engine.run_task(task, [text], lang)[0]
             click.echo(json.dumps(r.to_dict(), ensure_ascii=False) if as_json else _line(r))
             return
+        assert in_file is not None and out_file is not None  # checked above
         _answer_bulk(engine, task, in_file, out_file, lang)
 
 

@@ -4,6 +4,7 @@ confusion, latency, agreement between models; JSON tasks: per-field exact match 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -48,7 +49,8 @@ def _print_labels(result: dict) -> None:
         click.echo(f"n         {entry['n']}")
         click.echo(f"accuracy  {entry['accuracy']:.2%}")
         click.echo(f"macro-F1  {entry['macro_f1']:.4f}")
-        click.echo(f"latency   p50 {entry['p50_ms']:.1f} ms  p90 {entry['p90_ms']:.1f} ms  p99 {entry['p99_ms']:.1f} ms")
+        click.echo(f"latency   p50 {entry['p50_ms']:.1f} ms  p90 {entry['p90_ms']:.1f} ms  "
+                   f"p99 {entry['p99_ms']:.1f} ms")
         labels = list(entry["confusion"])
         width = max(len(x) for x in labels + ["gold\\pred"]) + 2
         click.echo("gold\\pred".ljust(width) + "".join(x.rjust(width) for x in labels))
@@ -70,7 +72,7 @@ def _print_json_task(result: dict) -> None:
 
 
 def _run(name: str, spec: TaskSpec, settings: Settings, file: Path, models: tuple[Path, ...], split: str,
-         limit: int | None, language: str | None, progress) -> tuple[dict, callable]:
+         limit: int | None, language: str | None, progress) -> tuple[dict, Callable[[dict], None]]:
     lang = None if language in (None, "auto") else language
     if spec.output == "json":
         if len(models) != 1:

@@ -97,7 +97,7 @@ def answer_file(texts: list[str], out: Path, answer: Callable[[list[str]], list[
         for i in range(start, len(texts), batch):
             chunk = texts[i:i + batch]
             results = _answer_chunk(answer, chunk)
-            lines = [f"{i + k}\t{r}\t{_clean(t)}\n" for k, (t, r) in enumerate(zip(chunk, results))]
+            lines = [f"{i + k}\t{r}\t{_clean(t)}\n" for k, (t, r) in enumerate(zip(chunk, results, strict=True))]
             _append(f, out, "".join(lines), i)
             if progress:
                 progress(len(chunk))

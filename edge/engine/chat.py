@@ -37,8 +37,16 @@ from edge.engine.jobs import Job
 from edge.engine.prefixes import PrefixCache
 from edge.engine.runtime import LlamaRuntime
 from edge.engine.tasks import pick_language
-from edge.engine.tools import (CALL_OPEN, CallWatch, ToolError, ToolSpec, ValueRule, call_gbnf, parse_calls,
-                               render_fallback)
+from edge.engine.tools import (
+    CALL_OPEN,
+    CallWatch,
+    ToolError,
+    ToolSpec,
+    ValueRule,
+    call_gbnf,
+    parse_calls,
+    render_fallback,
+)
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.settings import ChatSettings
 
@@ -83,7 +91,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def with_notes(messages: list[ChatMessage], labels: dict[str, str], notes: dict[str, dict[str, str]]) -> list[ChatMessage]:
+def with_notes(messages: list[ChatMessage], labels: dict[str, str],
+               notes: dict[str, dict[str, str]]) -> list[ChatMessage]:
     """Each user message whose text has a label gets that label's note (in its language) attached:
     the emotion hints of prompts/chat/hints.toml. A message's note depends on its text alone, so a
     history sent back renders the same tokens and stays in the cache."""
@@ -97,7 +106,8 @@ def with_notes(messages: list[ChatMessage], labels: dict[str, str], notes: dict[
 
 def split_volatile(text: str, patterns: list[re.Pattern]) -> tuple[str, str]:
     """`text` without the lines matching any pattern, and those lines (in order)."""
-    kept, moved = [], []
+    kept: list[str] = []
+    moved: list[str] = []
     for line in text.split("\n"):
         (moved if any(p.search(line) for p in patterns) else kept).append(line)
     return "\n".join(kept).strip("\n"), "\n".join(moved)
@@ -209,11 +219,12 @@ class ChatSessions:
             best = min(free, key=lambda s: (bool(s.tokens), s.last_used))
             reuse = common_prefix(best.tokens, tokens)
         cached = [p for p in self.prefixes.entries.values()
-                  if p.key[0] == "chat" and (p.ready or p.saved is not None) and len(p.tokens) > reuse
-                  and tokens[:len(p.tokens)] == p.tokens]
+                  if isinstance(p.key, tuple) and p.key[0] == "chat" and (p.ready or p.saved is not None)
+                  and len(p.tokens) > reuse and tokens[:len(p.tokens)] == p.tokens]
         for prefix in sorted(cached, key=lambda p: -len(p.tokens)):
             if self.prefixes.ensure(prefix, None):
                 best = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+                assert prefix.seq is not None  # ensure() made it resident
                 self.rt.seq_rm(best.seq)
                 self.rt.seq_cp(prefix.seq, best.seq)
                 best.tokens, reuse = list(prefix.tokens), len(prefix.tokens)
@@ -278,7 +289,7 @@ class ChatSessions:
             self._memo.popitem(last=False)
 
     # -- sampling -------------------------------------------------------------------------------
-    def sampler(self, p: SamplingParams) -> tuple[object, int | None]:
+    def sampler(self, p: SamplingParams) -> tuple[llama_cpp.llama_sampler_p, int | None]:
         """A llama.cpp sampler chain for these settings, and how many top tokens it can ever pick
         from (None: the whole vocabulary): top-k, plus the tokens the repeat penalty may demote."""
         d = self.defaults
@@ -332,8 +343,9 @@ class ChatSessions:
         max_tokens = params.max_tokens or self.defaults.max_tokens
         if fmt.tools is not None:  # value rules read the client's own system prompt
             system = messages[0].content if messages and messages[0].role == "system" else ""
-            fmt = replace(fmt, tools=replace(fmt.tools, value_rules=self.value_rules, system_text=system))
-            self.check_template_text(fmt.tools, messages)
+            tools = replace(fmt.tools, value_rules=self.value_rules, system_text=system)
+            fmt = replace(fmt, tools=tools)
+            self.check_template_text(tools, messages)
         prompt = self.prompt(messages, max_tokens, fmt.tools)
         return GenerateJob(self, prompt, params, fmt, stats, emit, on_end,
                            min(max_tokens, self.budget_tokens - len(prompt.tokens)))
@@ -352,7 +364,7 @@ class GenerateJob(Job):
         forced = self.tools is not None and self.tools.forced
         self.grammar: Grammar | None = None
         self.call_first: Grammar | None = None  # JSON format and tools: the first token picks which holds
-        if forced:
+        if forced and self.tools is not None:
             self.grammar = sessions.grammar(call_gbnf(self.tools, "forced"), "tools")
         elif fmt.grammar is not None:
             self.grammar = sessions.grammar(fmt.grammar, "response format")
@@ -392,6 +404,7 @@ class GenerateJob(Job):
 
     def feed(self, logits: np.ndarray) -> None:
         if self.t_first is None:
+            assert self.seq is not None
             self.s.keep_prefix(self.prompt, self.seq)
         self.generating = True
         if len(self.generated) >= self.max_tokens:
@@ -437,6 +450,7 @@ class GenerateJob(Job):
         else:
             call.close()
         if not self.rt.is_end(tok):
+            assert self.grammar is not None  # the answer's grammar, or the call's
             self.grammar.accept(tok)
         return tok
 

@@ -13,16 +13,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.engine.batcher import Batcher, StepPlanner
 from edge.engine.chat import ChatSessions, GenerateJob, ReplyFormat, with_notes
 from edge.engine.chat_template import ChatTemplate
+from edge.engine.config import runtime_config
 from edge.engine.jobs import Job, PrefixJob
 from edge.engine.prefixes import Prefix, PrefixCache
-from edge.engine.config import runtime_config
 from edge.engine.runtime import LlamaRuntime
 from edge.engine.task_runner import CompiledTask, InputError, Resources, TaskJob, TaskResult
 from edge.engine.tasks import GrammarError, PromptError, Prompts, load_prompts
@@ -215,7 +215,7 @@ class Engine:
             return self.chat.job(messages, params, stats, emit, on_end, fmt)
 
     def chat_stream(self, messages: list[ChatMessage], params: SamplingParams = SamplingParams(),
-                    stats: ChatStats | None = None, fmt: ReplyFormat = ReplyFormat()) -> Iterator[str]:
+                    stats: ChatStats | None = None, fmt: ReplyFormat = ReplyFormat()) -> Generator[str, None, None]:
         """The reply piece by piece, generated as this generator is stepped (one engine step per
         piece at most). Closing it early stops the reply and frees its slot."""
         stats = stats if stats is not None else ChatStats()
@@ -243,7 +243,7 @@ class Engine:
         are not classified again); empty when the emotion task is not available."""
         missing = self.unknown_emotions(texts)
         if missing:
-            for text, result in zip(missing, self.run_task(EMOTION, missing)):
+            for text, result in zip(missing, self.run_task(EMOTION, missing), strict=True):
                 self.remember_emotion(text, result.label or "")
         return self.known_emotions(texts)
 

@@ -52,7 +52,8 @@ MAX_ENUMERATED_RANGE = 1000
 # JSON strings may not hold raw control characters; the converter's `char` rule allows them, which
 # would make `json.loads` fail on the output. llama.cpp's C++ converter excludes them; so do we.
 _CHAR_RULE = re.compile(r"^char ::= .*$", re.MULTILINE)
-_STRICT_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+_STRICT_CHAR_RULE = (r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | '
+                     r'"u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])')
 _GBNF_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -104,7 +105,7 @@ def _children(schema: Mapping[str, Any]) -> Iterator[tuple[str, str, str | int |
             yield key, key, None, schema[key]
 
 
-def normalise_schema(schema: Any, where: str = "$") -> Any:
+def normalise_schema(schema: Any, where: str = "$") -> Any:  # noqa: C901 (one check per keyword, in order)
     """A copy of `schema` the converter enforces exactly, or SchemaUnsupported naming what it cannot."""
     if isinstance(schema, bool):
         if schema:
@@ -222,7 +223,7 @@ class Grammar:
             raise GrammarError(f"{self.source}: the grammar allows no token here") from None
         return int(ok[np.argmax(logits[ok])])
 
-    def restrict(self, ids: np.ndarray) -> np.ndarray:
+    def restrict(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Of candidate `ids`, the allowed ones (empty when none is)."""
         return self._apply(np.asarray(ids, dtype=np.int32), 0.0)
 

@@ -165,9 +165,10 @@ def _child(argv: list[str]) -> None:
     except (psutil.AccessDenied, AttributeError):
         uss = None
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rss_bytes": proc.memory_info().rss, "peak_rss_bytes": peak_kib * 1024, "uss_bytes": uss,
-                      "baseline_rss_bytes": baseline, "n_tokens": n, **_rss_split(),
-                      "seconds": round(time.monotonic() - start, 2)}), flush=True)
+    line = json.dumps({"rss_bytes": proc.memory_info().rss, "peak_rss_bytes": peak_kib * 1024, "uss_bytes": uss,
+                       "baseline_rss_bytes": baseline, "n_tokens": n, **_rss_split(),
+                       "seconds": round(time.monotonic() - start, 2)})
+    print(line, flush=True)  # noqa: T201 (the child's one line of output, read by measure_memory)
 
 
 if __name__ == "__main__":

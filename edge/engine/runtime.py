@@ -131,8 +131,8 @@ class LlamaRuntime:
         self._piece_cache: dict[int, bytes] = {}
         self.end_tokens = self._find_end_tokens()
         # control tokens that do not end generation (<|im_start|>...): never part of constrained output
-        self._control_ids = np.array(sorted(t for t in self.end_tokens if not llama_cpp.llama_vocab_is_eog(self.vocab, t)),
-                                     dtype=np.int64)
+        self._control_ids = np.array(
+            sorted(t for t in self.end_tokens if not llama_cpp.llama_vocab_is_eog(self.vocab, t)), dtype=np.int64)
         self._end_ids = np.array(sorted(self.end_tokens), dtype=np.int64)
         self._candidates: np.ndarray | None = None  # full-vocabulary sampling, built on first use
         self._partial_ids: np.ndarray | None = None  # tokens that are not whole characters, on first use
@@ -324,10 +324,10 @@ class LlamaRuntime:
         """
         if self._candidates is None:
             self._candidates = np.zeros(self.n_vocab, dtype=TOKEN_DATA)
-        top = preselect is not None and preselect < self.n_vocab
-        ids = self._top(logits, preselect) if top else None
+        top = preselect if preselect is not None and preselect < self.n_vocab else None
+        ids = self._top(logits, top) if top is not None else None
         if allow is not None:
-            ids = self.best_allowed(logits, allow, preselect if top else self.n_vocab)
+            ids = self.best_allowed(logits, allow, top if top is not None else self.n_vocab)
         if ids is not None:
             cand = np.empty(len(ids), dtype=TOKEN_DATA)
             cand["id"] = ids
@@ -385,7 +385,7 @@ class LlamaRuntime:
             self.ctx = None
         if getattr(self, "model", None):
             llama_cpp.llama_model_free(self.model)
-            self.model = None
+            self.model = None  # type: ignore[assignment]  # closed: nothing uses it after close()
 
     def __del__(self) -> None:
         try:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from edge.tsv import TsvError, read_rows
 from edge.engine.grammar import GrammarError, label_gbnf, load_schema, schema_gbnf
+from edge.tsv import TsvError, read_rows
 
 LANGUAGES = ("en", "zh")
 OUTPUTS = ("label", "json")
@@ -208,7 +208,8 @@ def _label_language(folder: Path, table: dict, lang: str, labels: dict[str, dict
         source, grammar = base / grammar_file, read_text(base / grammar_file)
     else:
         source, grammar = folder / "labels.toml", label_gbnf(list(shown.values()))
-    examples = _label_examples(base / "few_shot.tsv", labels, lang) if few_shot and (base / "few_shot.tsv").exists() else ()
+    shots = base / "few_shot.tsv"
+    examples = _label_examples(shots, labels, lang) if few_shot and shots.exists() else ()
     return TaskLanguage(lang, read_text(base / "system.txt"), examples, grammar, source, shown)
 
 

@@ -54,7 +54,8 @@ def read_tsv(path: Path | str, allowed_labels: set[str] | None = None) -> list[E
             raise DatasetError(f"{path}:{n}: expected 'text<TAB>label', got {len(row)} column(s)")
         label = row[1].strip().lower()
         if allowed_labels is not None and label not in allowed_labels:
-            raise DatasetError(f"{path}:{n}: unknown label {row[1].strip()!r} (expected one of {sorted(allowed_labels)})")
+            raise DatasetError(f"{path}:{n}: unknown label {row[1].strip()!r} "
+                               f"(expected one of {sorted(allowed_labels)})")
         examples.append(Example(row[0].strip(), label))
     if not examples:
         raise DatasetError(f"{path}: no labelled rows")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def inspect_model_file(path: Path, manifest: dict[str, dict], with_checksum: boo
     return ModelFileReport(path, info, error, digest, entry.get("sha256"), entry.get("size"))
 
 
-def inspect_model_dir(folder: Path, extra: list[Path] = (), with_checksum: bool = True) -> list[ModelFileReport]:
+def inspect_model_dir(folder: Path, extra: Sequence[Path] = (), with_checksum: bool = True) -> list[ModelFileReport]:
     """Every *.gguf in ``folder`` (plus ``extra`` files), checked; manifest errors become one report."""
     files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
     files += [p for p in extra if p not in files]

@@ -24,6 +24,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -182,10 +183,10 @@ def cgroup_chain_limit(proc_cgroup: Path = Path("/proc/self/cgroup"),
     return min(limits) if limits else None
 
 
-def effective_budget_bytes(setting_mb: int, cgroup_limit: int | None | str = "auto") -> int:
+def effective_budget_bytes(setting_mb: int, cgroup_limit: int | None | Literal["auto"] = "auto") -> int:
     """The configured budget, or the cgroup's limit when that is lower."""
     budget = setting_mb * MIB
-    limit = cgroup_chain_limit() if cgroup_limit == "auto" else cgroup_limit
+    limit = cgroup_chain_limit() if isinstance(cgroup_limit, str) else cgroup_limit  # "auto"
     return min(budget, limit) if limit else budget
 
 
@@ -270,7 +271,7 @@ def plan_fit(info: GGUFInfo, budget_bytes: int, n_ctx: int, kv_cache_type: str =
     Candidates keep the context as long as possible, then prefer the better quantization, then the
     larger KV cache type: n_ctx halves down to 512 only when no quant/cache type fits.
     """
-    kw = dict(n_batch=n_batch, n_seq_max=n_seq_max, flash_attn=flash_attn, repack_rows=repack_rows,
+    kw: dict[str, Any] = dict(n_batch=n_batch, n_seq_max=n_seq_max, flash_attn=flash_attn, repack_rows=repack_rows,
               runtime_bytes=runtime_bytes, mmap=mmap, n_ubatch=n_ubatch)
     limit = int(budget_bytes * headroom)
     wanted = estimate_memory(info, n_ctx, kv_cache_type, **kw)
