@@ -1,6 +1,6 @@
 """Estimate, from a GGUF header alone, the resident memory llama.cpp will need, and plan a fit.
 
-The parts (all measured on llama.cpp's CPU backend; see BENCHMARKS.md "Memory (issue 4)"):
+The parts (all measured on llama.cpp's CPU backend; see docs/measurement-history.md "Memory (issue 4)"):
 
 - weights: every byte of the file's data section, read into buffers or, with mmap, as mapped file
   pages. Counting all of it is the worst case for mmap: the engine drops the mapping's pages
@@ -36,7 +36,7 @@ MIB = 1 << 20
 # bytes per element of the KV cache types the settings allow
 KV_BYTES_PER_ELEMENT: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32}
 KV_PADDING = 256                       # llama.cpp rounds the cache size up to this many cells
-# Calibrated: python -m edge.engine.measure on the stand-in and Qwen1.5-shaped files (BENCHMARKS.md).
+# Calibrated: python -m edge.engine.measure on the stand-in and Qwen1.5-shaped files (docs/measurement-history.md).
 COMPUTE_FIXED_BYTES = 48 * MIB
 COMPUTE_FLOATS_PER_TOKEN = {"n_ff": 3, "n_embd": 6}
 # RSS of python with numpy, llama_cpp, gguf and the settings (pydantic) imported, before loading:
