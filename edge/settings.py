@@ -140,8 +140,10 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body")
     max_text_chars: int = Field(20000, ge=1, description="Longest text in a request")
     model_name: str = Field("qwen-edge", description="Model name shown to OpenAI/Ollama clients")
-    allowed_hosts: list[str] = Field(default_factory=list, description="Extra Host names accepted on a loopback bind (DNS-rebinding check)")
-    drain_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM, how long in-flight requests may run before they are cut")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Extra Host names accepted on a loopback bind "
+                                                                       "(DNS-rebinding check)")
+    drain_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM, how long in-flight requests may run before "
+                                                           "they are cut")
     retry_after_s: int = Field(2, ge=1, description="Retry-After seconds sent with a 503")
 
 
@@ -164,8 +166,10 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = TomlConfigSettingsSource(settings_cls, toml_file=_CONFIG_FILE.get("path"))
         return (init_settings, env_settings, toml)
 

@@ -13,6 +13,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers impor
 from tiny_checkpoint import TinyCheckpoint, TinySpec, build_tiny_checkpoint  # noqa: E402
 
 STANDIN_ENV = "QWEN_EDGE_STANDIN_GGUF"
+HA_VENV_ENV = "QWEN_EDGE_HA_VENV"
+# Variables that select real resources of this machine (a model file, the Home Assistant venv) are
+# kept; every other QWEN_EDGE_* variable (a developer's configuration) is cleared for the tests.
+KEEP_ENV = (STANDIN_ENV, HA_VENV_ENV)
+# Where settings.py (and systemd) put the user's models, states and caches: a temp dir in tests.
+USER_DIRS = ("XDG_DATA_HOME", "XDG_CACHE_HOME", "STATE_DIRECTORY", "CACHE_DIRECTORY")
+
+
+def _isolate(mp: pytest.MonkeyPatch, root: Path) -> None:
+    for name in [k for k in os.environ if k.startswith("QWEN_EDGE_") and k not in KEEP_ENV]:
+        mp.delenv(name)
+    for name in USER_DIRS:
+        mp.setenv(name, str(root / name.lower()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session(tmp_path_factory):
+    """Session fixtures (the converted tiny model, the shared engine) run isolated too. The cached
+    Home Assistant venv is looked up first, where scripts/ha_env.sh keeps it (the user's cache)."""
+    if not os.environ.get(HA_VENV_ENV):
+        from home_assistant import ha_venv
+        found, _ = ha_venv()
+        if found is not None:
+            os.environ[HA_VENV_ENV] = str(found)
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, tmp_path_factory.mktemp("user_dirs"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """Every test: no QWEN_EDGE_* configuration from the caller's environment, and the user's data
+    and cache folders in its own temp dir."""
+    _isolate(monkeypatch, tmp_path / "_user_dirs")
 
 
 @pytest.fixture(scope="session")

@@ -57,9 +57,7 @@ def cli_cmd(*args: str) -> list[str]:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra}
-    env.pop("QWEN_EDGE_CONFIG", None)
-    return env
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra}
 
 
 def run_cli(*args: str, timeout: float = 120, preexec: Callable[[], None] | None = None,

@@ -36,7 +36,8 @@ model_name = "{name}"
 
 
 def _serve(args: list[str], env_extra: dict[str, str], tmp_path: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QWEN_EDGE_", "NOTIFY_", "WATCHDOG_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("QWEN_EDGE_", "NOTIFY_", "WATCHDOG_", "STATE_DIRECTORY", "CACHE_DIRECTORY"))}
     env.update({"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"), **env_extra})
     return subprocess.Popen([sys.executable, "-c", "from edge.cli import main; main()", "serve", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -71,7 +71,6 @@ def model_dir(tmp_path) -> Path:
 
 def invoke(monkeypatch, model_dir: Path, probe: list[str], *args: str):
     monkeypatch.setattr(cpu_mod, "probe_command", lambda model, python=sys.executable: probe)
-    monkeypatch.delenv("QWEN_EDGE_CONFIG", raising=False)
     return CliRunner().invoke(doctor, ["--model-dir", str(model_dir), *args], catch_exceptions=False)
 
 

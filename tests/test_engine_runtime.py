@@ -8,7 +8,8 @@ import numpy as np
 import psutil
 import pytest
 
-from edge.engine.runtime import LlamaRuntime, RuntimeConfig, release_free_heap
+from edge.engine.process_memory import release_free_heap
+from edge.engine.runtime import LlamaRuntime, RuntimeConfig
 
 
 def _resident_in_mappings(path: Path) -> int | None:
@@ -82,7 +83,7 @@ def test_release_free_heap_gives_freed_c_heap_back():
 
 _HEAP_SCRIPT = """
 import ctypes, sys, psutil
-from edge.engine.runtime import keep_heap_small
+from edge.engine.process_memory import keep_heap_small
 if sys.argv[1] == "fixed":
     assert keep_heap_small()
 libc = ctypes.CDLL(None)

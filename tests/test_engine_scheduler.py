@@ -108,9 +108,9 @@ def test_a_waiting_stream_holds_no_worker_thread_and_wakes_per_piece(monkeypatch
 
     import anyio
 
-    from edge.api import serving
+    from edge.api import streaming
     from edge.engine.scheduler import ChatHandle
-    monkeypatch.setattr(serving, "POLL_S", 3600.0)
+    monkeypatch.setattr(streaming, "POLL_S", 3600.0)
     handle = ChatHandle([ChatMessage("user", "hi")], SamplingParams(), None)
 
     def engine_thread() -> None:
@@ -120,7 +120,7 @@ def test_a_waiting_stream_holds_no_worker_thread_and_wakes_per_piece(monkeypatch
         handle._emit(ChatHandle.END)
 
     async def main() -> tuple[str, int]:
-        task = asyncio.create_task(serving.ChatStream(handle).text())
+        task = asyncio.create_task(streaming.ChatStream(handle).text())
         await asyncio.sleep(0.02)
         borrowed = anyio.to_thread.current_default_thread_limiter().borrowed_tokens
         threading.Thread(target=engine_thread).start()
@@ -137,7 +137,7 @@ def test_the_engine_thread_hands_loop_wakes_to_the_waker_thread_which_ends_with_
     does it. Its thread ends once the loop has closed."""
     import asyncio
 
-    from edge.api import serving
+    from edge.api import streaming
     from edge.engine.scheduler import ChatHandle
     handle = ChatHandle([ChatMessage("user", "hi")], SamplingParams(), None)
     wakers: list[str] = []
@@ -156,10 +156,10 @@ def test_the_engine_thread_hands_loop_wakes_to_the_waker_thread_which_ends_with_
             wakers.append(threading.current_thread().name)
             return real(*args, **kwargs)
         monkeypatch.setattr(loop, "call_soon_threadsafe", spy)
-        task = asyncio.create_task(serving.ChatStream(handle).text())
+        task = asyncio.create_task(streaming.ChatStream(handle).text())
         await asyncio.sleep(0.02)
         threading.Thread(target=engine_thread, name="engine").start()
-        return await task, serving.loop_waker().thread
+        return await task, streaming.loop_waker().thread
 
     text, waker = asyncio.run(main())
     assert text == "abc"

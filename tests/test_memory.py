@@ -154,9 +154,11 @@ def test_estimate_within_10pct_of_measured_standin():
     path = os.environ.get("QWEN_EDGE_STANDIN_GGUF")
     if not path or not Path(path).is_file():
         pytest.skip("QWEN_EDGE_STANDIN_GGUF not set or missing")
-    from edge.model.measure import measure_memory
+    from edge.engine.config import RuntimeConfig
+    from edge.engine.measure import measure_memory
     info = check_gguf(path)
-    got = measure_memory(path, n_ctx=512, kv_cache_type="q8_0", n_batch=256, n_seq_max=2, timeout_s=240)
+    config = RuntimeConfig(n_ctx=512, kv_cache_type="q8_0", n_batch=256, n_ubatch=256, n_seq_max=2)
+    got = measure_memory(path, config, timeout_s=240)
     est = estimate_memory(info, 512, "q8_0", 256, n_seq_max=2, runtime_bytes=PYTHON_RUNTIME_BYTES)
     assert got.n_tokens == 512
     assert abs(est.total_bytes - got.rss_bytes) / got.rss_bytes <= 0.10, (est.to_dict(), got)

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from edge.api.admission import ClientGone
 from edge.api.errors import ApiError, classify_exception, message_of
 from edge.api.security import check_text_length
-from edge.api.serving import ChatStream, ClientGone, ServingState
+from edge.api.serving import ServingState
+from edge.api.streaming import ChatStream
 from edge.engine.chat import ReplyFormat
 from edge.engine.grammar import GrammarError, schema_gbnf
 from edge.engine.tools import ToolError, parse_tools

@@ -7,13 +7,14 @@ OpenAI clients ``{"error": {"message", "type", "code"}}``.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge.api.serving import ClientGone, MemoryPressure, NotReady, RequestTimeout
+from edge.api.admission import ClientGone, MemoryPressure, NotReady, RequestTimeout
 from edge.engine.batcher import ContextFull
 from edge.engine.chat import ContextOverflow
 from edge.engine.engine import TaskUnavailable
@@ -90,7 +91,7 @@ def validation_error(exc: RequestValidationError) -> tuple[int, str]:
     """(status, message) of a request the framework could not validate: a body that is not JSON, or
     not a JSON object, is a bad request (400, as Ollama answers it); a field of the wrong type or out
     of range is 422 with its path."""
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    first: dict[str, Any] = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     loc = tuple(first.get("loc", ()))
     if first.get("type") == "json_invalid":
         return 400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})"
@@ -108,7 +109,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return Response(status_code=499)
         status, kind, retry = classify_exception(exc)
         if status >= 500 and kind == "internal_error":
-            log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+            log.error("unhandled error on %s", request.url.path, exc_info=exc)
         return error_response(request.url.path, status, message_of(exc), kind,
                               retry_after(request) if retry else None)
 
@@ -123,8 +124,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no such endpoint: {request.method} {request.url.path}"
         return error_response(request.url.path, exc.status_code, message, kind)
 
-    app.add_exception_handler(RequestValidationError, on_validation)
-    app.add_exception_handler(StarletteHTTPException, on_http)
+    # Starlette types every handler as taking Exception; it calls each only with its own class
+    app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http)  # type: ignore[arg-type]
     # Known types get their own handler: Starlette re-raises (and logs a traceback for) anything
     # that only the catch-all Exception handler catches.
     for exc_type in (ApiError, ClientGone, *(row[0] for row in ERROR_TABLE)):

@@ -47,9 +47,10 @@ class _LiveCollector:
         ready.add_metric([], 1.0 if s.status == "ready" else 0.0)
         yield ready
         sched = s.scheduler
-        for name, value, doc in (("qwen_edge_queue_depth", sched.queue_depth if sched else 0, "Requests waiting"),
-                                 ("qwen_edge_queue_size", s.settings.server.queue_size, "Queue bound (503 beyond)"),
-                                 ("qwen_edge_active_chats", sched.active_chats if sched else 0, "Replies being generated")):
+        for name, value, doc in (
+                ("qwen_edge_queue_depth", sched.queue_depth if sched else 0, "Requests waiting"),
+                ("qwen_edge_queue_size", s.settings.server.queue_size, "Queue bound (503 beyond)"),
+                ("qwen_edge_active_chats", sched.active_chats if sched else 0, "Replies being generated")):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(value))
             yield g
@@ -77,7 +78,8 @@ class ApiMetrics:
     def __init__(self, serving: ServingState) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("qwen_edge_http_requests", "HTTP requests", ["endpoint", "method", "status"], registry=r)
+        self.requests = Counter("qwen_edge_http_requests", "HTTP requests", ["endpoint", "method", "status"],
+                                registry=r)
         self.latency = Histogram("qwen_edge_http_request_duration_seconds", "Time to the last byte of the response",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("qwen_edge_prompt_tokens", "Chat prompt tokens", registry=r)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge.api.common import ClientMessage, ndjson, sampling, serving_of, streaming, to_chat_messages
 from edge.api.errors import ApiError
 from edge.api.security import check_text_length
-from edge.api.serving import ChatStream
+from edge.api.streaming import ChatStream
 from edge.engine.chat import with_notes
 from edge.engine.engine import EMOTION, SENTIMENT
 from edge.engine.task_runner import TaskResult
@@ -139,7 +139,7 @@ async def _with_emotion_hints(request: Request, messages: list[ChatMessage]) -> 
     users = [m.content for m in messages if m.role == "user"]
     missing = engine.unknown_emotions(users)
     if missing:
-        for text, result in zip(missing, await run_task(request, EMOTION, missing, None)):
+        for text, result in zip(missing, await run_task(request, EMOTION, missing, None), strict=True):
             engine.remember_emotion(text, result.label or "")
     return with_notes(messages, engine.known_emotions(users), engine.prompts.emotion_hints)
 

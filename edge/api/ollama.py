@@ -37,7 +37,8 @@ from edge.api.common import (
     to_chat_messages,
 )
 from edge.api.errors import ApiError
-from edge.api.serving import ChatStream, ServingState
+from edge.api.serving import ServingState
+from edge.api.streaming import ChatStream
 from edge.engine.chat import ReplyFormat
 from edge.engine.grammar import JSON_OBJECT_GBNF
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams, ToolCall

@@ -29,7 +29,7 @@ from edge.api.common import (
     to_chat_messages,
 )
 from edge.api.errors import ApiError, error_body
-from edge.api.serving import ChatStream
+from edge.api.streaming import ChatStream
 from edge.engine.grammar import JSON_OBJECT_GBNF
 from edge.engine.types import ChatStats, ToolCall
 

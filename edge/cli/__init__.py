@@ -1,17 +1,17 @@
 """The `qwen-edge` command: a thin layer that parses, calls the library and prints.
 
-Subcommands live in their own modules and are imported only when used (click's lazy-group
-pattern), so `qwen-edge doctor` does not pay for importing the HTTP stack.
+Subcommands live in their own modules and are imported only when used (edge/cli/lazy.py), so
+`qwen-edge doctor` does not pay for importing the HTTP stack.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 
 import click
 
 from edge import __version__
+from edge.cli.lazy import LazyGroup
 
 # command name -> "module:attribute"; a new command is one more row.
 COMMANDS: dict[str, str] = {
@@ -28,19 +28,7 @@ COMMANDS: dict[str, str] = {
 }
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = COMMANDS.get(name)
-        if target is None:
-            return None
-        module, attr = target.split(":")
-        return getattr(importlib.import_module(module), attr)
-
-
-@click.group(cls=LazyGroup)
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS)
 @click.version_option(__version__, prog_name="qwen-edge")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:

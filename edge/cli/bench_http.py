@@ -115,20 +115,16 @@ def bench_http(url: str | None, model: Path | None, api_key: str | None, peer_se
                mixed: bool, window: float, repeat: int, json_out: Path | None) -> None:
     """The daemon over HTTP, optionally side by side with llama-server: sentiment latency under chat,
     decode speed and RSS (--texts), concurrent streams (--concurrency), mixed load (--mixed)."""
-    import httpx
-
     from edge.cli.common import friendly_errors, settings_from
     from edge.evaluation.bench_http import HttpBenchOptions, PeerOptions, run_http_bench
-    from edge.evaluation.datasets import DatasetError, read_tsv
-    from edge.evaluation.http_servers import OursSpec, ServerError
+    from edge.evaluation.datasets import read_tsv
+    from edge.evaluation.http_servers import OursSpec
 
     if texts_file is None and not concurrency and not mixed:
         raise click.UsageError("nothing to measure: give --texts FILE.tsv, --concurrency N[,N...] or --mixed")
     settings = settings_from(None)
-    try:
+    with friendly_errors():
         texts = tuple((e.text, e.label) for e in read_tsv(texts_file))[:limit] if texts_file else ()
-    except DatasetError as exc:
-        raise click.ClickException(str(exc)) from None
     opts = HttpBenchOptions(
         ours=OursSpec(model, url, api_key),
         peer=PeerOptions(peer_server, peer_ctx, threads, peer_args) if peer_server else None,
@@ -136,11 +132,8 @@ def bench_http(url: str | None, model: Path | None, api_key: str | None, peer_se
         chat_system=(settings.prompts.dir / "chat" / "en" / "system.txt").read_text(encoding="utf-8").strip(),
         texts=texts, chat_streams=chat_streams, chat_tokens=chat_tokens, rounds=rounds, concurrency=concurrency,
         mixed=mixed, mixed_window_s=window, repeat=repeat)
-    try:
-        with friendly_errors():
-            report = run_http_bench(opts)
-    except (ServerError, httpx.HTTPError) as exc:
-        raise click.ClickException(str(exc)) from None
+    with friendly_errors():
+        report = run_http_bench(opts)
     _print(report)
     if json_out is not None:
         _write_json(json_out, report)

@@ -60,16 +60,14 @@ def bench_load(url: str, clients: int, duration: float, max_requests: int | None
                as_json: bool) -> None:
     """Load-test a running daemon over HTTP. Exit 1 when a request failed (503 refusals excepted),
     peak RSS went over the budget, or sentiment p99 went over --sentiment-p99-bound."""
-    import httpx
-
+    from edge.cli.common import friendly_errors
     from edge.evaluation.load import LoadOptions, report_failures, run_load
 
     opts = LoadOptions(url=url, clients=clients, duration_s=duration, max_requests=max_requests, mix=mix,
                        max_tokens=max_tokens, api_key=api_key, pid=pid)
-    try:
+    # besides the user errors: a daemon that is not ready (RuntimeError), a mix it cannot serve (ValueError)
+    with friendly_errors(RuntimeError, ValueError, prefix=f"cannot load-test {url}: "):
         report = run_load(opts)
-    except (httpx.HTTPError, RuntimeError, ValueError) as exc:
-        raise click.ClickException(f"cannot load-test {url}: {exc}") from None
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:

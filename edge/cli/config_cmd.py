@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import click
+from pydantic import BaseModel
 
 from edge.cli.common import config_option, settings_from
 from edge.settings import PROJECT_ROOT, Settings
@@ -14,7 +16,7 @@ def settings_table() -> str:
     """Markdown table of every option: TOML key, environment variable, default, description."""
     rows = ["| TOML `[section] key` | environment | default | meaning |", "|---|---|---|---|"]
     for section, field in Settings.model_fields.items():
-        model = field.annotation
+        model = cast("type[BaseModel]", field.annotation)  # every section is a model
         for name, f in model.model_fields.items():
             default = f.get_default(call_default_factory=True)
             if isinstance(default, Path):  # machine-independent: the README shows this table

@@ -33,22 +33,16 @@ def _types(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str,
 def convert(repo: str, revision: str, from_dir: Path | None, out_dir: Path | None, types: tuple[str, ...],
             name: str | None, threads: int, no_progress: bool) -> None:
     """Convert Qwen2-family safetensors to GGUF (F32, then Q8_0 / Q4_K_M with llama.cpp)."""
-    from edge.convert.errors import ConversionError
+    from edge.cli.common import friendly_errors, settings_from
     from edge.convert.pipeline import ConvertRequest, run_conversion
-    from edge.settings import SettingsError, load_settings
 
     if out_dir is None:
-        try:
-            out_dir = load_settings().model.dir
-        except SettingsError as exc:
-            raise click.ClickException(str(exc)) from None
+        out_dir = settings_from(None).model.dir
 
     request = ConvertRequest(out_dir=out_dir, types=types, name=name, from_dir=from_dir, repo=repo,
                              revision=revision, n_threads=threads, progress=not no_progress)
-    try:
+    with friendly_errors(one_line=True):
         result = run_conversion(request)
-    except (ConversionError, OSError) as exc:
-        raise click.ClickException(" ".join(str(exc).split())) from None
     for entry in result.skipped:
         click.echo(f"up to date  {out_dir / entry.file}  ({entry.type}, {entry.size / 1e6:.1f} MB)")
     for entry in result.written:

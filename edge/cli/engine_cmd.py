@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edge.cli.common import config_option, friendly_errors, model_option, open_engine, settings_from
+from edge.cli.common import config_option, friendly_errors, model_option, open_engine, setting_option, settings_from
 
 EMOJI = {"positive": "😄", "negative": "😞", "neutral": "😐"}
 SENTIMENT_LINE = {"zh": "{emoji} LLM 情感判断: {display}", "en": "{emoji} LLM sentiment: {display}"}
@@ -31,6 +31,7 @@ def _answer(task: str, text: str | None, in_file: Path | None, out_file: Path | 
             r = engine.run_task(task, [text], lang)[0]
             click.echo(json.dumps(r.to_dict(), ensure_ascii=False) if as_json else _line(r))
             return
+        assert in_file is not None and out_file is not None  # checked above
         _answer_bulk(engine, task, in_file, out_file, lang)
 
 
@@ -57,7 +58,7 @@ def _task_options(command):
                      help="Bulk: TSV with a `text` column, or one text a line."),
         click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
                      help="Bulk: results TSV (a re-run resumes)."),
-        click.option("--language", type=click.Choice(["auto", "en", "zh"]), default=None, help="Prompt language."),
+        setting_option("prompts.language"),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
         model_option, config_option]):
         command = option(command)
@@ -83,13 +84,11 @@ def classify(**options) -> None:
 @config_option
 def tasks(config_file: Path | None) -> None:
     """The tasks in prompts/tasks/ (and why any is refused)."""
-    from edge.engine.tasks import PromptError, load_prompts
+    from edge.engine.tasks import load_prompts
     settings = settings_from(config_file)
-    try:
+    with friendly_errors():
         p = settings.prompts
         found = load_prompts(p.dir, p.neutral, p.few_shot, p.max_text_tokens)
-    except PromptError as exc:
-        raise click.ClickException(str(exc)) from None
     for name, spec in found.tasks.items():
         answers = ", ".join(spec.label_ids) if spec.output == "label" else "JSON (schema.json)"
         click.echo(f"{name:<12} {spec.output:<6} {'/'.join(spec.languages):<6} {spec.description}  [{answers}]")

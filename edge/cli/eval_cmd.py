@@ -5,15 +5,16 @@ confusion, latency, agreement between models; JSON tasks: per-field exact match 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from edge.engine.runtime import RuntimeError_
+from edge.cli.common import friendly_errors
 from edge.engine.tasks import PromptError, TaskSpec, load_task
 from edge.evaluation.datasets import SPLITS, DatasetError, read_tsv, select
 from edge.evaluation.task_eval import evaluate, evaluate_json, read_json_cases
-from edge.settings import Settings, SettingsError, load_settings
+from edge.settings import Settings, load_settings
 
 SPECIAL = ("tools", "chat")  # evaluations that are not a task's
 
@@ -72,7 +73,7 @@ def _print_json_task(result: dict) -> None:
 
 
 def _run(name: str, spec: TaskSpec, settings: Settings, file: Path, models: tuple[Path, ...], split: str,
-         limit: int | None, language: str | None, progress) -> tuple[dict, callable]:
+         limit: int | None, language: str | None, progress) -> tuple[dict, Callable[[dict], None]]:
     lang = None if language in (None, "auto") else language
     if spec.output == "json":
         if len(models) != 1:
@@ -103,7 +104,7 @@ def _task_command(name: str) -> click.Command:
         for m in models:
             if not m.is_file():
                 raise click.ClickException(f"model file not found: {m}")
-        try:
+        with friendly_errors(ValueError):  # besides the user errors: refusals of the evaluation's options
             settings = load_settings(config_file, prompts={"language": language})
             folder = settings.prompts.dir / "tasks" / name
             if not folder.is_dir():
@@ -112,8 +113,6 @@ def _task_command(name: str) -> click.Command:
                              settings.prompts.max_text_tokens)
             result, show = _run(name, spec, settings, file, models, split, limit, language,
                                 _progress_factory(not quiet and not as_json))
-        except (SettingsError, DatasetError, PromptError, RuntimeError_, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
         if as_json:
             click.echo(json.dumps(result, ensure_ascii=False))
         else:
@@ -144,17 +143,15 @@ def tools(file: Path, model_path: Path, homes: Path | None, rules_file: Path | N
     from edge.engine.engine import Engine
     from edge.engine.tools import ArgumentRules, load_rules
     from edge.engine.types import SamplingParams
-    from edge.evaluation.tools_eval import ToolsDataError, evaluate, load_cases, load_homes
-    try:
+    from edge.evaluation.tools_eval import evaluate, load_cases, load_homes
+    with friendly_errors(ValueError):  # besides the user errors: Engine.load's refusal of the settings
         settings = load_settings(config_file)
         recorded = load_homes(homes or file.parent / "homes")
         cases = load_cases(file, recorded)[::every][:limit]
         engine = Engine.load(model_path, settings)
-    except (SettingsError, ToolsDataError, PromptError, RuntimeError_, OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
     try:
         if no_rules or rules_file is not None:
-            engine.chat.rules = ArgumentRules() if no_rules else load_rules(rules_file)
+            engine.chat.rules = load_rules(rules_file) if rules_file is not None else ArgumentRules()
         result = evaluate(engine, cases, recorded, SamplingParams(temperature=temperature, seed=seed),
                           progress=_progress_factory(not as_json)("tools"))
     finally:
@@ -190,12 +187,10 @@ def chat(file: Path, model_path: Path, temperature: float | None, seed: int, spl
     from edge.evaluation.chat_eval import evaluate, load_cases
     if not model_path.is_file():
         raise click.ClickException(f"model file not found: {model_path}")
-    try:
+    with friendly_errors(ValueError):  # besides the user errors: Engine.load's refusal of the settings
         settings = load_settings(config_file)
         cases = load_cases(file, split, limit)
         engine = Engine.load(model_path, settings)
-    except (SettingsError, DatasetError, PromptError, RuntimeError_, OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
     try:
         result = evaluate(engine, cases, SamplingParams(temperature=temperature, seed=seed),
                           progress=_progress_factory(not as_json)("chat"))

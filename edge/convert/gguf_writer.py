@@ -53,6 +53,7 @@ def write_f32_gguf(path: Path, checkpoint: SafetensorsCheckpoint, plan: list[tup
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    assert writer.fout is not None  # write_header_to_file opened it
     fout = writer.fout[0]
     try:
         for _gguf_name, hf_name in plan:

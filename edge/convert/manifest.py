@@ -1,5 +1,8 @@
 """manifest.json of an output folder: what each file is, its checksum, and where it came from.
 
+The one module that knows the file: the converter writes it (`Manifest`), the model inventory
+(edge/model/inventory.py, `doctor`) reads it back (`read_file_entries`).
+
 A re-run skips an output whose entry matches: same source, same type, and the file on disk still
 has the recorded size and sha256. The manifest itself is written atomically after every output,
 so an interrupted run keeps the entries of the files it finished.
@@ -38,6 +41,30 @@ def sha256_of(path: Path, block: int = 8 * 1024 * 1024) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class ManifestError(ValueError):
+    """manifest.json cannot be read back; the message names the file."""
+
+
+def read_file_entries(folder: Path) -> dict[str, dict]:
+    """file name -> manifest entry of `folder`'s manifest.json ({} when there is none); accepts
+    {"files": [...]} or a bare list of entries."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: unreadable manifest ({exc})") from None
+    entries = data.get("files", []) if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise ManifestError(f"{path}: unexpected manifest layout (no list of files)")
+    out = {}
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+            out[Path(entry["file"]).name] = entry
+    return out
 
 
 def tool_versions() -> dict[str, str]:

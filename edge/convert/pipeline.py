@@ -68,7 +68,8 @@ def output_name(name: str, out_type: str) -> str:
 def _check_request(req: ConvertRequest) -> str:
     unknown = [t for t in req.types if t not in OUTPUT_TYPES]
     if unknown or not req.types:
-        raise ConversionError(f"unknown output type {','.join(unknown) or '(none)'} (choose from {','.join(OUTPUT_TYPES)})")
+        raise ConversionError(f"unknown output type {','.join(unknown) or '(none)'} "
+                              f"(choose from {','.join(OUTPUT_TYPES)})")
     name = req.name or (req.from_dir.resolve().name if req.from_dir else req.repo.split("/")[-1]).lower()
     if not NAME_PATTERN.match(name):
         raise ConversionError(f"invalid output name {name!r} (letters, digits, '.', '_', '-')")

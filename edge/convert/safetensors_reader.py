@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
 
 
 # safetensors dtype -> (numpy dtype on disk, widening to float32)
-SOURCE_DTYPES = {
+SOURCE_DTYPES: dict[str, tuple[np.dtype, Callable[[np.ndarray], np.ndarray]]] = {
     "F32": (np.dtype("<f4"), lambda a: a.astype(np.float32, copy=False)),
     "F16": (np.dtype("<f2"), lambda a: a.astype(np.float32)),
     "BF16": (np.dtype("<u2"), _bf16_to_f32),
@@ -61,7 +61,8 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
             raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise ConversionError(f"{path}: corrupt or truncated safetensors header (declares {n} bytes, file has {size})")
+            raise ConversionError(f"{path}: corrupt or truncated safetensors header "
+                                  f"(declares {n} bytes, file has {size})")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -82,7 +83,8 @@ def _entry(path: Path, name: str, info: dict, data_start: int) -> TensorEntry:
     except (KeyError, TypeError, ValueError):
         raise ConversionError(f"{path}: corrupt safetensors header entry for tensor {name}") from None
     if dtype not in SOURCE_DTYPES:
-        raise ConversionError(f"{path}: tensor {name} has unsupported dtype {dtype} (supported: {', '.join(SOURCE_DTYPES)})")
+        raise ConversionError(f"{path}: tensor {name} has unsupported dtype {dtype} "
+                              f"(supported: {', '.join(SOURCE_DTYPES)})")
     nbytes = math.prod(shape) * SOURCE_DTYPES[dtype][0].itemsize
     if stop - begin != nbytes or begin < 0:
         raise ConversionError(f"{path}: corrupt safetensors header: tensor {name} spans {stop - begin} bytes, "

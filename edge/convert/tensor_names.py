@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 
@@ -59,7 +60,7 @@ def read_hyperparams(folder: Path) -> Hyperparams:
     if not set(archs) & set(SUPPORTED_ARCHITECTURES):
         raise ConversionError(f"{path}: unsupported architecture {', '.join(map(str, archs))} "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    values = {"rope_theta": 10000.0, "tied": False}
+    values: dict[str, Any] = {"rope_theta": 10000.0, "tied": False}
     for key, (field, required) in CONFIG_FIELDS.items():
         if key in config:
             values[field] = config[key]
@@ -68,7 +69,8 @@ def read_hyperparams(folder: Path) -> Hyperparams:
     values.setdefault("kv_heads", values["heads"])
     hp = Hyperparams(**values)
     if hp.hidden % hp.heads or hp.heads % hp.kv_heads:
-        raise ConversionError(f"{path}: hidden_size {hp.hidden}, {hp.heads} heads and {hp.kv_heads} KV heads do not divide")
+        raise ConversionError(f"{path}: hidden_size {hp.hidden}, {hp.heads} heads and {hp.kv_heads} KV heads "
+                              "do not divide")
     return hp
 
 
@@ -108,5 +110,6 @@ def tensor_plan(hp: Hyperparams, available: dict[str, tuple[int, ...]], where: P
     used = {hf_name for _, hf_name in plan}
     extra = [n for n in available if n not in used and not n.endswith(IGNORED_SUFFIXES)]
     if extra and not (hp.tied and extra == ["lm_head.weight"]):
-        raise ConversionError(f"{where}: unexpected tensor {extra[0]} for {SUPPORTED_ARCHITECTURES[0]} ({len(extra)} in all)")
+        raise ConversionError(f"{where}: unexpected tensor {extra[0]} for {SUPPORTED_ARCHITECTURES[0]} "
+                              f"({len(extra)} in all)")
     return plan

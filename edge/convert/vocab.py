@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class BpeVocab:
     token_types: list[int]
     merges: list[str]
     special_ids: dict[str, int]          # "bos"/"eos"/"eot"/"pad" -> id
-    chat_template: str | None
+    chat_template: str | Sequence[Mapping[str, str]] | None  # as gguf.SpecialVocab reads it (one or named ones)
     source: Path                         # the file the tokens came from (for messages)
     n_tokenizer: int                     # tokens the tokenizer itself defines (without padding)
     stop_ids: dict[str, int] = field(default_factory=dict)
@@ -117,10 +118,10 @@ def load_vocab(folder: Path, n_vocab: int) -> BpeVocab:
         else:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-    special = gguf.SpecialVocab(folder, load_merges=True, special_token_types=())
-    if not special.merges:
+    special_vocab = gguf.SpecialVocab(folder, load_merges=True, special_token_types=())
+    if not special_vocab.merges:
         raise ConversionError(f"{source}: no BPE merges found")
-    return BpeVocab(tokens=tokens, token_types=[int(t) for t in types], merges=special.merges,
-                    special_ids=_special_ids(folder, ids), chat_template=special.chat_template,
+    return BpeVocab(tokens=tokens, token_types=[int(t) for t in types], merges=special_vocab.merges,
+                    special_ids=_special_ids(folder, ids), chat_template=special_vocab.chat_template,
                     source=source, n_tokenizer=n_tokenizer,
                     stop_ids={t: ids[t] for t in STOP_TOKENS if t in ids})

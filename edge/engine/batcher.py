@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 AGING_TOKENS_PER_S = 256
 
 
+
+def _seq(job: Job) -> int:
+    assert job.seq is not None, "a started job holds a sequence"
+    return job.seq
+
 class ContextFull(KVCacheFull):
     """The KV cache has no room for this job, and nothing running will free any."""
 
@@ -118,7 +123,7 @@ class Batcher:
         return started
 
     def _plan(self, decode: list[Job], waiting: list[Job]) -> tuple[list, list[tuple[Job, int, int | None]]]:
-        entries: list[tuple[int, int, int, bool]] = [(j.seq, j.pending[0], j.pos, True) for j in decode]
+        entries: list[tuple[int, int, int, bool]] = [(_seq(j), j.pending[0], j.pos, True) for j in decode]
         chunks: list[tuple[Job, int, int | None]] = [(j, 1, i) for i, j in enumerate(decode)]
         budget = 0 if self._hold_prompts and decode else min(self.planner.prompt_budget(len(decode)),
                                                              self.rt.n_batch - len(entries))
@@ -127,7 +132,7 @@ class Batcher:
                 break
             n = min(budget, len(job.pending))
             last = n == len(job.pending) and job.needs_logits
-            entries += [(job.seq, tok, job.pos + i, last and i == n - 1) for i, tok in enumerate(job.pending[:n])]
+            entries += [(_seq(job), tok, job.pos + i, last and i == n - 1) for i, tok in enumerate(job.pending[:n])]
             chunks.append((job, n, len(entries) - 1 if last else None))
             budget -= n
         return entries, chunks

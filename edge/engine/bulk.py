@@ -6,13 +6,13 @@ after the last complete row: no duplicates, no gaps.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edge.engine.task_runner import TaskResult
+from edge.tsv import TsvError, read_rows
 
 # answer: the label id, or for JSON tasks the JSON answer on one line
 OUT_HEADER = ("row", "answer", "probability", "language", "truncated", "text")
@@ -25,12 +25,9 @@ class BulkInputError(ValueError):
 def read_texts(path: Path) -> list[str]:
     """Texts of a TSV with a `text` column (header row), or of a plain file, one text a line."""
     try:
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            try:
-                rows = list(reader)
-            except csv.Error as exc:  # e.g. a line over csv's field size limit (128 KiB)
-                raise BulkInputError(f"{path}: line {reader.line_num}: {exc}") from None
+        rows = [row for _, row in read_rows(path, errors="replace")]
+    except TsvError as exc:  # e.g. a line over csv's field size limit (128 KiB)
+        raise BulkInputError(f"{path}: line {exc.line}: {exc.reason}") from None
     except FileNotFoundError:
         raise BulkInputError(f"input file not found: {path}") from None
     except IsADirectoryError:
@@ -100,7 +97,7 @@ def answer_file(texts: list[str], out: Path, answer: Callable[[list[str]], list[
         for i in range(start, len(texts), batch):
             chunk = texts[i:i + batch]
             results = _answer_chunk(answer, chunk)
-            lines = [f"{i + k}\t{r}\t{_clean(t)}\n" for k, (t, r) in enumerate(zip(chunk, results))]
+            lines = [f"{i + k}\t{r}\t{_clean(t)}\n" for k, (t, r) in enumerate(zip(chunk, results, strict=True))]
             _append(f, out, "".join(lines), i)
             if progress:
                 progress(len(chunk))

@@ -39,10 +39,10 @@ from edge.engine.runtime import LlamaRuntime
 from edge.engine.tasks import pick_language
 from edge.engine.tools import (
     CALL_OPEN,
+    ArgumentRules,
     CallWatch,
     ToolError,
     ToolSpec,
-    ArgumentRules,
     call_gbnf,
     parse_calls,
     render_fallback,
@@ -108,7 +108,8 @@ def with_notes(messages: list[ChatMessage], labels: dict[str, str],
 
 def split_volatile(text: str, patterns: list[re.Pattern]) -> tuple[str, str]:
     """`text` without the lines matching any pattern, and those lines (in order)."""
-    kept, moved = [], []
+    kept: list[str] = []
+    moved: list[str] = []
     for line in text.split("\n"):
         (moved if any(p.search(line) for p in patterns) else kept).append(line)
     return "\n".join(kept).strip("\n"), "\n".join(moved)
@@ -117,7 +118,7 @@ def split_volatile(text: str, patterns: list[re.Pattern]) -> tuple[str, str]:
 class ChatSessions:
     def __init__(self, rt: LlamaRuntime, template: ChatTemplate, personas: dict[str, str], slot_seqs: list[int],
                  defaults: ChatSettings, prefixes: PrefixCache, budget_tokens: int,
-                 rules: ArgumentRules = ArgumentRules()) -> None:
+                 rules: ArgumentRules | None = None) -> None:
         self.rt = rt
         self.template = template
         self.personas = personas
@@ -125,7 +126,7 @@ class ChatSessions:
         self.defaults = defaults
         self.prefixes = prefixes
         self.budget_tokens = budget_tokens  # KV cells one conversation may occupy (prompt + reply)
-        self.rules = rules  # tool argument rules (prompts/tools/argument_values.toml)
+        self.rules = rules or ArgumentRules()  # tool argument rules (prompts/tools/argument_values.toml)
         self.volatile = [re.compile(p) for p in defaults.volatile_lines]
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
         self._seen: Counter[str] = Counter()
@@ -221,11 +222,12 @@ class ChatSessions:
             best = min(free, key=lambda s: (bool(s.tokens), s.last_used))
             reuse = common_prefix(best.tokens, tokens)
         cached = [p for p in self.prefixes.entries.values()
-                  if p.key[0] == "chat" and (p.ready or p.saved is not None) and len(p.tokens) > reuse
-                  and tokens[:len(p.tokens)] == p.tokens]
+                  if isinstance(p.key, tuple) and p.key[0] == "chat" and (p.ready or p.saved is not None)
+                  and len(p.tokens) > reuse and tokens[:len(p.tokens)] == p.tokens]
         for prefix in sorted(cached, key=lambda p: -len(p.tokens)):
             if self.prefixes.ensure(prefix, None):
                 best = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+                assert prefix.seq is not None  # ensure() made it resident
                 self.rt.seq_rm(best.seq)
                 self.rt.seq_cp(prefix.seq, best.seq)
                 best.tokens, reuse = list(prefix.tokens), len(prefix.tokens)
@@ -290,7 +292,7 @@ class ChatSessions:
             self._memo.popitem(last=False)
 
     # -- sampling -------------------------------------------------------------------------------
-    def sampler(self, p: SamplingParams) -> tuple[object, int | None]:
+    def sampler(self, p: SamplingParams) -> tuple[llama_cpp.llama_sampler_p, int | None]:
         """A llama.cpp sampler chain for these settings, and how many top tokens it can ever pick
         from (None: the whole vocabulary): top-k, plus the tokens the repeat penalty may demote."""
         d = self.defaults
@@ -356,8 +358,9 @@ class ChatSessions:
         max_tokens = params.max_tokens or self.defaults.max_tokens
         if fmt.tools is not None:  # argument rules read the client's own system prompt
             system = messages[0].content if messages and messages[0].role == "system" else ""
-            fmt = replace(fmt, tools=replace(fmt.tools, rules=self.rules, system_text=system))
-            self.check_template_text(fmt.tools, messages)
+            tools = replace(fmt.tools, rules=self.rules, system_text=system)
+            fmt = replace(fmt, tools=tools)
+            self.check_template_text(tools, messages)
         prompt = self.prompt(messages, max_tokens, fmt.tools)
         return GenerateJob(self, prompt, params, fmt, stats, emit, on_end,
                            min(max_tokens, self.budget_tokens - len(prompt.tokens)))
@@ -376,7 +379,7 @@ class GenerateJob(Job):
         forced = self.tools is not None and self.tools.forced
         self.grammar: Grammar | None = None
         self.call_first: Grammar | None = None  # JSON format and tools: the first token picks which holds
-        if forced:
+        if forced and self.tools is not None:
             self.grammar = sessions.grammar(call_gbnf(self.tools, "forced"), "tools")
         elif fmt.grammar is not None:
             self.grammar = sessions.grammar(fmt.grammar, "response format")
@@ -417,6 +420,7 @@ class GenerateJob(Job):
 
     def feed(self, logits: np.ndarray) -> None:
         if self.t_first is None:
+            assert self.seq is not None
             self.s.keep_prefix(self.prompt, self.seq)
         self.generating = True
         if len(self.generated) >= self.max_tokens:
@@ -464,14 +468,16 @@ class GenerateJob(Job):
         else:
             call.close()
         if not self.rt.is_end(tok):
+            assert self.grammar is not None  # the answer's grammar, or the call's
             self.grammar.accept(tok)
         return tok
 
     def _text(self, piece: str, tok: int) -> None:
         if self.watch is not None and self.opening is not None:
-            piece = self._at_start(piece, tok)
-            if piece is None:
+            opened = self._at_start(piece, tok)
+            if opened is None:
                 return
+            piece = opened
         if self.watch is not None:
             piece = self.watch.feed(piece)
             if self.watch.opened:

@@ -48,7 +48,7 @@ class ChatTemplate:
                 raise
             self.source = CHATML  # a template we cannot render safely: fall back, do not fail
             self._template = env.from_string(CHATML)
-            self.fallback_reason = str(exc)
+            self.fallback_reason: str | None = str(exc)
         else:
             self.fallback_reason = None
         self.supports_tools = self._renders_tools()

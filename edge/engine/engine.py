@@ -15,22 +15,22 @@ import os
 import shutil
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.engine.batcher import Batcher, StepPlanner
 from edge.engine.chat import ChatSessions, GenerateJob, ReplyFormat, with_notes
 from edge.engine.chat_template import ChatTemplate
+from edge.engine.config import runtime_config
 from edge.engine.jobs import Job, PrefixJob
 from edge.engine.prefixes import Prefix, PrefixCache
-from edge.engine.runtime import LlamaRuntime, RuntimeConfig
+from edge.engine.runtime import LlamaRuntime
 from edge.engine.task_runner import CompiledTask, InputError, Resources, TaskJob, TaskResult
 from edge.engine.tasks import GrammarError, PromptError, Prompts, load_prompts
 from edge.engine.tools import load_rules
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.model.gguf_check import check_gguf
-from edge.model.preflight import context_options, resolve_kv_cache_type
 from edge.settings import Settings, cache_dir
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,7 @@ class Engine:
     @classmethod
     def load(cls, model_path: Path | str, settings: Settings) -> "Engine":
         info = check_gguf(model_path)  # a hostile or broken file is refused here, before llama.cpp parses it
-        m = settings.model
-        rt = LlamaRuntime(model_path, RuntimeConfig(n_ctx=m.n_ctx, n_threads=m.n_threads,
-                                                    kv_cache_type=resolve_kv_cache_type(info, settings),
-                                                    **context_options(m, info)))
+        rt = LlamaRuntime(model_path, runtime_config(info, settings))
         try:
             return cls(rt, settings)
         except Exception:
@@ -240,7 +237,7 @@ class Engine:
             return self.chat.job(messages, params, stats, emit, on_end, fmt)
 
     def chat_stream(self, messages: list[ChatMessage], params: SamplingParams = SamplingParams(),
-                    stats: ChatStats | None = None, fmt: ReplyFormat = ReplyFormat()) -> Iterator[str]:
+                    stats: ChatStats | None = None, fmt: ReplyFormat = ReplyFormat()) -> Generator[str, None, None]:
         """The reply piece by piece, generated as this generator is stepped (one engine step per
         piece at most). Closing it early stops the reply and frees its slot."""
         stats = stats if stats is not None else ChatStats()
@@ -268,7 +265,7 @@ class Engine:
         are not classified again); empty when the emotion task is not available."""
         missing = self.unknown_emotions(texts)
         if missing:
-            for text, result in zip(missing, self.run_task(EMOTION, missing)):
+            for text, result in zip(missing, self.run_task(EMOTION, missing), strict=True):
                 self.remember_emotion(text, result.label or "")
         return self.known_emotions(texts)
 

@@ -230,7 +230,7 @@ class Grammar:
             raise GrammarError(f"{self.source}: the grammar allows no token here") from None
         return int(ok[np.argmax(logits[ok])])
 
-    def restrict(self, ids: np.ndarray) -> np.ndarray:
+    def restrict(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Of candidate `ids`, the allowed ones (empty when none is)."""
         return self._apply(np.asarray(ids, dtype=np.int32), 0.0)
 

@@ -49,6 +49,11 @@ class PrefixStats:
         return dict(self.__dict__)
 
 
+
+def _seq(prefix: Prefix) -> int:
+    assert prefix.seq is not None, "a resident prefix holds a sequence"
+    return prefix.seq
+
 class PrefixCache:
     """Prefixes by key; `ensure` makes one resident (restoring it, or asking for its evaluation)."""
 
@@ -95,7 +100,7 @@ class PrefixCache:
         if prefix.saved is not None and self._restore(prefix):
             return True
         if evaluate is None:  # nothing to restore and not to be evaluated here: give the room back
-            self.free.append(prefix.seq)
+            self.free.append(_seq(prefix))
             prefix.seq = None
             return False
         prefix.evaluating = True
@@ -113,7 +118,7 @@ class PrefixCache:
             if prefix.saved is None:
                 self.entries.pop(key, None)
             return None
-        self.rt.seq_cp_range(src_seq, prefix.seq, 0, len(tokens))
+        self.rt.seq_cp_range(src_seq, _seq(prefix), 0, len(tokens))
         prefix.ready = True
         prefix.last_used = time.monotonic()
         return prefix
@@ -169,7 +174,7 @@ class PrefixCache:
         path = self._state_path(prefix)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         try:
-            tmp.write_bytes(self.rt.seq_state(prefix.seq))
+            tmp.write_bytes(self.rt.seq_state(_seq(prefix)))
             tmp.replace(path)
         except OSError as exc:  # a full disk costs a recomputation later, nothing else
             log.warning("could not save a prefix state to %s: %s", path, exc)
@@ -181,13 +186,14 @@ class PrefixCache:
 
     def _restore(self, prefix: Prefix) -> bool:
         t0 = time.perf_counter()
+        seq = _seq(prefix)
         try:
             data = prefix.saved.read_bytes() if prefix.saved else b""
         except OSError as exc:
             log.warning("could not read a saved prefix state: %s", exc)
             data = b""
-        if not data or not self.rt.set_seq_state(prefix.seq, data) or self.rt.seq_len(prefix.seq) != len(prefix.tokens):
-            self.rt.seq_rm(prefix.seq)
+        if not data or not self.rt.set_seq_state(seq, data) or self.rt.seq_len(seq) != len(prefix.tokens):
+            self.rt.seq_rm(seq)
             prefix.saved = None
             return False
         prefix.ready = True

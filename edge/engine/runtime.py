@@ -14,11 +14,13 @@ import ctypes
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
+
+from edge.engine.config import RuntimeConfig
+from edge.engine.process_memory import drop_mapped_pages, keep_heap_small, release_free_heap
 
 log = logging.getLogger(__name__)
 _llama_log = logging.getLogger("edge.llama_cpp")
@@ -36,7 +38,6 @@ llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
 KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 _BACKEND_READY = False
-_M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 
 
 class RuntimeError_(RuntimeError):
@@ -47,86 +48,52 @@ class KVCacheFull(RuntimeError_):
     """No room left in the KV cache for this batch; the caller may evict sequences and retry."""
 
 
-@dataclass(frozen=True)
-class RuntimeConfig:
-    n_ctx: int = 2048
-    n_batch: int = 512
-    n_ubatch: int = 256
-    n_threads: int = 0
-    n_seq_max: int = 16
-    kv_cache_type: str = "q8_0"
-    flash_attn: bool = True
-    mmap: bool = False
+def context_params(config: RuntimeConfig) -> llama_cpp.llama_context_params:
+    """llama.cpp's context parameters for `config`: its defaults except what the config says."""
+    threads = config.n_threads or physical_cores()
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = config.n_ctx
+    cparams.n_batch = config.n_batch
+    cparams.n_ubatch = min(config.n_ubatch, config.n_batch)
+    cparams.n_seq_max = config.n_seq_max
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.kv_unified = True  # one pool of cells shared by all sequences; seq_cp shares cells
+    cparams.type_k = KV_CACHE_TYPES[config.kv_cache_type]
+    cparams.type_v = KV_CACHE_TYPES[config.kv_cache_type]
+    if config.flash_attn is not None:
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    cparams.no_perf = True
+    return cparams
+
+
+def init_backend() -> None:
+    """Once per process, before the first model load."""
+    global _BACKEND_READY
+    if not _BACKEND_READY:
+        keep_heap_small()  # before the model load frees its big read buffers
+        llama_cpp.llama_backend_init()
+        _BACKEND_READY = True
+
+
+def load_model(path: Path, mmap: bool) -> llama_cpp.llama_model_p:
+    """Load the weights of `path` (read, or mapped and then `drop_mapped_pages`); RuntimeError_ when
+    llama.cpp refuses the file."""
+    init_backend()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.load_mode = load_mode(mmap)
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise RuntimeError_(f"llama.cpp could not load {path}")
+    if mmap:
+        drop_mapped_pages(path)
+    return model
 
 
 def load_mode(mmap: bool) -> int:
     """llama.cpp's load mode: map the file (then `drop_mapped_pages`), or read it into buffers."""
     return llama_cpp.LLAMA_LOAD_MODE_MMAP if mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
-
-
-def release_free_heap() -> bool:
-    """Give the C heap's free pages back to the OS (glibc malloc_trim); False where unavailable.
-
-    Loading a model and building a context leave ~20 MiB of freed-but-kept heap in the process;
-    the memory guard also calls this when it sheds load."""
-    try:
-        return bool(ctypes.CDLL(None).malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
-def keep_heap_small() -> bool:
-    """Fix glibc's mmap threshold at 128 KiB (its starting value); False where unavailable.
-
-    glibc raises the threshold each time a large mmap'd block is freed, up to 32 MiB, after which
-    blocks of that size come from the heap and stay there once freed. Loading a model frees many
-    such blocks; measured on the daemon, that left ~28 MiB more resident than with a fixed threshold.
-    The hot paths allocate nothing that large per token, so fixing it costs no speed."""
-    try:
-        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 128 * 1024))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
-_MADV_DONTNEED = 4  # <sys/mman.h> on Linux
-
-
-def _file_mappings(path: Path) -> list[tuple[int, int]]:
-    """(start, end) addresses of this process's mappings of `path`."""
-    real = os.path.realpath(path)
-    found = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].rstrip("\n") == real:
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                found.append((start, end))
-    return found
-
-
-def drop_mapped_pages(path: Path) -> int:
-    """After an mmap load, drop the model file's pages from this process (MADV_DONTNEED); the
-    number of bytes advised, 0 where unsupported.
-
-    llama.cpp maps the file with MAP_POPULATE, so every page starts out resident, including the
-    originals of the weights it has just repacked into its own buffers and will never read again.
-    Dropped pages come back on first use from the page cache, as clean file pages the kernel can
-    reclaim under pressure. The rows of an untied token embedding no text has used stay out, and
-    so do most of those originals: the kernel maps a whole page-cache folio on a fault, so some
-    next to weights in use come back (memory.py counts them). Measured on the stand-in daemon:
-    666 MB read, 695 MB mapped, 605 MB mapped and dropped."""
-    try:
-        libc = ctypes.CDLL(None)
-        madvise = libc.madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        mappings = _file_mappings(path)
-    except (OSError, AttributeError):  # not Linux/glibc
-        return 0
-    advised = 0
-    for start, end in mappings:
-        if madvise(start, end - start, _MADV_DONTNEED) == 0:
-            advised += end - start
-    return advised
 
 
 def physical_cores() -> int:
@@ -147,35 +114,10 @@ def _whole_utf8(data: bytes) -> bool:
 
 class LlamaRuntime:
     def __init__(self, model_path: Path | str, config: RuntimeConfig = RuntimeConfig()) -> None:
-        global _BACKEND_READY
-        if not _BACKEND_READY:
-            keep_heap_small()  # before the model load frees its big read buffers
-            llama_cpp.llama_backend_init()
-            _BACKEND_READY = True
         self.path = Path(model_path)
         self.config = config
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.load_mode = load_mode(config.mmap)
-        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self.model:
-            raise RuntimeError_(f"llama.cpp could not load {self.path}")
-        if config.mmap:
-            drop_mapped_pages(self.path)
-        threads = config.n_threads or physical_cores()
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = config.n_ctx
-        cparams.n_batch = config.n_batch
-        cparams.n_ubatch = min(config.n_ubatch, config.n_batch)
-        cparams.n_seq_max = config.n_seq_max
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.kv_unified = True  # one pool of cells shared by all sequences; seq_cp shares cells
-        cparams.type_k = KV_CACHE_TYPES[config.kv_cache_type]
-        cparams.type_v = KV_CACHE_TYPES[config.kv_cache_type]
-        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn
-                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        cparams.no_perf = True
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        self.model = load_model(self.path, config.mmap)
+        self.ctx = llama_cpp.llama_init_from_model(self.model, context_params(config))
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise RuntimeError_(f"llama.cpp could not create a context (n_ctx={config.n_ctx}) for {self.path}")
@@ -382,10 +324,10 @@ class LlamaRuntime:
         """
         if self._candidates is None:
             self._candidates = np.zeros(self.n_vocab, dtype=TOKEN_DATA)
-        top = preselect is not None and preselect < self.n_vocab
-        ids = self._top(logits, preselect) if top else None
+        top = preselect if preselect is not None and preselect < self.n_vocab else None
+        ids = self._top(logits, top) if top is not None else None
         if allow is not None:
-            ids = self.best_allowed(logits, allow, preselect if top else self.n_vocab)
+            ids = self.best_allowed(logits, allow, top if top is not None else self.n_vocab)
         if ids is not None:
             cand = np.empty(len(ids), dtype=TOKEN_DATA)
             cand["id"] = ids
@@ -443,7 +385,7 @@ class LlamaRuntime:
             self.ctx = None
         if getattr(self, "model", None):
             llama_cpp.llama_model_free(self.model)
-            self.model = None
+            self.model = None  # type: ignore[assignment]  # closed: nothing uses it after close()
 
     def __del__(self) -> None:
         try:

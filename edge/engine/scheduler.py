@@ -274,8 +274,8 @@ class Scheduler:
                 if not request.jobs:
                     request.future.set_result([])
                     return
-                for job in request.jobs:
-                    job.on_done = request._ended
+                for task_job in request.jobs:
+                    task_job.on_done = request._ended
                 jobs = list(request.jobs)
                 if request.future.cancelled():
                     request.cancel()

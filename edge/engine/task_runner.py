@@ -226,6 +226,7 @@ class TaskJob(Job):
         if not self.res.prefixes.ensure(prefix, self.res.evaluate_prefix) or not self.res.work_seqs:
             return False
         self.seq = self.res.work_seqs.pop()
+        assert prefix.seq is not None  # ensure() made it resident
         self.res.rt.seq_rm(self.seq)
         self.res.rt.seq_cp(prefix.seq, self.seq)
         self.pending = self.tokens + self.lang.suffix

@@ -16,15 +16,14 @@ the grammar) run when the engine compiles the task.
 """
 from __future__ import annotations
 
-import csv
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
-
 from edge.engine.grammar import GrammarError, label_gbnf, load_schema, schema_gbnf
+from edge.tsv import TsvError, read_rows
 
 LANGUAGES = ("en", "zh")
 OUTPUTS = ("label", "json")
@@ -114,19 +113,19 @@ def read_toml(path: Path) -> dict:
 def read_tsv_pairs(path: Path) -> list[tuple[int, str, str]]:
     """(line number, first column, second column) of a two-column TSV; a `text<TAB>...` header and
     blank lines are skipped, anything else malformed is refused naming the line."""
-    rows = []
     try:
-        with path.open(encoding="utf-8", newline="") as f:
-            for n, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
-                if not row or (len(row) == 1 and not row[0].strip()) or (n == 1 and row[0] == "text"):
-                    continue
-                if len(row) != 2 or not row[0].strip():
-                    raise PromptError(f"{path}:{n}: expected 'text<TAB>answer'")
-                rows.append((n, row[0].strip(), row[1].strip()))
+        lines = read_rows(path)
     except UnicodeDecodeError:
         raise PromptError(f"{path}: not UTF-8") from None
-    except csv.Error as exc:
-        raise PromptError(f"{path}: {exc}") from None
+    except TsvError as exc:
+        raise PromptError(str(exc)) from None
+    rows = []
+    for n, row in lines:
+        if not row or (len(row) == 1 and not row[0].strip()) or (n == 1 and row[0] == "text"):
+            continue
+        if len(row) != 2 or not row[0].strip():
+            raise PromptError(f"{path}:{n}: expected 'text<TAB>answer'")
+        rows.append((n, row[0].strip(), row[1].strip()))
     return rows
 
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from edge.engine.grammar import GrammarError, SchemaUnsupported, gbnf_literal, schema_gbnf
 from edge.engine.types import ChatMessage, ToolCall

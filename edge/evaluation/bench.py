@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from edge.evaluation.metrics import percentiles
 from edge.evaluation.naive import NaiveClassifier
 from edge.evaluation.raw_llama import RawContext
 from edge.settings import Settings
+
+if TYPE_CHECKING:
+    from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 log = logging.getLogger(__name__)
 LONG_MIN_CHARS = 120
@@ -63,7 +67,7 @@ class InterleavedChat:
         self.engine, self.max_tokens = engine, max_tokens
         self.history: list[ChatMessage] = []
         self.turn = 0
-        self.gen: Iterator[str] | None = None
+        self.gen: Generator[str, None, None] | None = None
         self.parts: list[str] = []
 
     def _start(self) -> None:
@@ -76,6 +80,7 @@ class InterleavedChat:
         for _ in range(n):
             if self.gen is None:
                 self._start()
+            assert self.gen is not None
             try:
                 self.parts.append(next(self.gen))
             except StopIteration:
@@ -109,7 +114,8 @@ def _chat_phase(engine: Engine, raw: RawContext, opts: BenchOptions) -> dict:
                 "chat_decode_vs_raw": float("nan")}
     ratios = np.array(engine_tps) / np.array(raw_tps)
     return {"chat_ttft_ms": round(float(np.median(ttft)), 1), "chat_decode_tps": round(float(np.median(engine_tps)), 2),
-            "raw_decode_tps": round(float(np.median(raw_tps)), 2), "chat_decode_vs_raw": round(float(np.median(ratios)), 3),
+            "raw_decode_tps": round(float(np.median(raw_tps)), 2),
+            "chat_decode_vs_raw": round(float(np.median(ratios)), 3),
             "chat_pairs": len(ratios)}
 
 
@@ -133,7 +139,7 @@ def _latency_phase(engine: Engine, naive: NaiveClassifier, raw: RawContext, raw_
                    progress: Progress | None) -> dict[str, list]:
     out: dict[str, list] = {"engine": [], "naive": [], "floor": [], "floor_f16": [], "agree": [], "tokens": []}
     chat = InterleavedChat(engine)
-    naive_chat = [{"role": "user", "content": CHAT_PROMPTS[0]}]
+    naive_chat: list[ChatCompletionRequestMessage] = [{"role": "user", "content": CHAT_PROMPTS[0]}]
     try:
         for i, text in enumerate(texts):
             chat.step(CHAT_STEP_TOKENS)

@@ -19,8 +19,9 @@ reply is scored:
   ordinary request, so every match counts against the model.
 - **verbatim**: the reply repeats a clause of the user's (any user turn so far) word for word: a
   clause (text between punctuation marks: sentence ends, commas, colons) of at least
-  MIN_VERBATIM_UNITS[lang] units occurs in the reply as a contiguous run of units. Units are CJK ideographs and Latin words/numbers after NFKC and case folding, so spaces,
-  punctuation and case do not hide a copy. 10 ideographs carry about as much as 6 English words;
+  MIN_VERBATIM_UNITS[lang] units occurs in the reply as a contiguous run of units. Units are CJK
+  ideographs and Latin words/numbers after NFKC and case folding, so spaces, punctuation and case
+  do not hide a copy. 10 ideographs carry about as much as 6 English words;
   shorter clauses ("太开心了！", "Thank you!") are what a natural reply may well say too.
   Quoting the user's words at that length is what the issue calls parroting; a reflection that
   restates them ("you finally passed your test") changes the pronouns and is not counted.
@@ -65,8 +66,8 @@ _CANT_ZH = r"(?:无法|不能|没办法|没有办法|不可以|不会)"
 REFUSALS: dict[str, tuple[str, ...]] = {
     "en": (
         rf"\b(?:i'?m|i am) (?:very |really |so )?sorry,? but i {_CANT_EN}",
-        rf"\bi {_CANT_EN} (?:help(?! but)|assist|provide|answer|give|offer|fulfil|comply|respond|do that|support you with|"
-        r"engage|discuss|share)\b",
+        rf"\bi {_CANT_EN} (?:help(?! but)|assist|provide|answer|give|offer|fulfil|comply|respond|"
+        r"do that|support you with|engage|discuss|share)\b",
         rf"\bas an ai(?: language model| assistant| model)?,? i {_CANT_EN}",
         r"\bi (?:must|have to|need to) (?:decline|refuse)\b",
         r"\b(?:that|this) (?:is|isn't) (?:not )?something i can (?:help|assist) with",

@@ -5,10 +5,11 @@ same rows are held out whatever order or subset of the file is read.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from edge.tsv import TsvError, read_rows
 
 TUNE_PERCENT = 30  # share of each file used for prompt tuning; the rest is held out for reporting
 SPLITS = ("all", "tune", "heldout")
@@ -34,18 +35,17 @@ def read_tsv(path: Path | str, allowed_labels: set[str] | None = None) -> list[E
     """Rows of `text<TAB>label`; a header row `text<TAB>label` is skipped, blank lines ignored."""
     path = Path(path)
     try:
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        rows = read_rows(path)
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise DatasetError(f"{path}: is a folder, not a TSV file") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except csv.Error as exc:
-        raise DatasetError(f"{path}: {exc}") from None
+    except TsvError as exc:
+        raise DatasetError(str(exc)) from None
     examples = []
-    for n, row in enumerate(rows, start=1):
+    for n, row in rows:
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if n == 1 and [c.strip().lower() for c in row[:2]] == ["text", "label"]:
@@ -54,7 +54,8 @@ def read_tsv(path: Path | str, allowed_labels: set[str] | None = None) -> list[E
             raise DatasetError(f"{path}:{n}: expected 'text<TAB>label', got {len(row)} column(s)")
         label = row[1].strip().lower()
         if allowed_labels is not None and label not in allowed_labels:
-            raise DatasetError(f"{path}:{n}: unknown label {row[1].strip()!r} (expected one of {sorted(allowed_labels)})")
+            raise DatasetError(f"{path}:{n}: unknown label {row[1].strip()!r} "
+                               f"(expected one of {sorted(allowed_labels)})")
         examples.append(Example(row[0].strip(), label))
     if not examples:
         raise DatasetError(f"{path}: no labelled rows")

@@ -2,11 +2,11 @@
 chat and OpenAI chat for a fixed time (or request count), with every answer checked for completeness.
 
 Each client sends one request at a time, always of the same kind: the clients are shared out by the
-mix weights (8 clients, mix 2:1:1 = 4 sentiment, 2 Ollama stream, 2 OpenAI clients). An answer counts as *answered* only when it is complete:
-a sentiment result with a known label, an Ollama stream whose last line says ``"done": true``, an
-OpenAI completion with a finish reason. A 503 is *rejected* (the daemon shedding load, by design);
-anything else (another status, a dropped connection, a stream without its final event) is *failed*.
-The daemon's resident memory is sampled throughout (psutil on its pid).
+mix weights (8 clients, mix 2:1:1 = 4 sentiment, 2 Ollama stream, 2 OpenAI clients). An answer counts
+as *answered* only when it is complete: a sentiment result with a known label, an Ollama stream whose
+last line says ``"done": true``, an OpenAI completion with a finish reason. A 503 is *rejected* (the
+daemon shedding load, by design); anything else (another status, a dropped connection, a stream
+without its final event) is *failed*. The daemon's resident memory is sampled throughout (psutil on its pid).
 """
 from __future__ import annotations
 

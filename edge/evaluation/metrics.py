@@ -18,7 +18,7 @@ class Confusion:
 
     def to_dict(self) -> dict[str, dict[str, int]]:
         """{gold: {predicted: count}}."""
-        return {g: dict(zip(self.labels, row)) for g, row in zip(self.labels, self.counts)}
+        return {g: dict(zip(self.labels, row, strict=True)) for g, row in zip(self.labels, self.counts, strict=True)}
 
 
 def confusion(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str] | None = None) -> Confusion:
@@ -27,7 +27,7 @@ def confusion(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[st
     names = tuple(labels) if labels else tuple(sorted(set(gold) | set(predicted)))
     index = {name: i for i, name in enumerate(names)}
     counts = [[0] * len(names) for _ in names]
-    for g, p in zip(gold, predicted):
+    for g, p in zip(gold, predicted, strict=True):
         if g not in index or p not in index:
             raise ValueError(f"label {g if g not in index else p!r} is not one of {list(names)}")
         counts[index[g]][index[p]] += 1
@@ -60,7 +60,7 @@ def agreement(a: Sequence[str], b: Sequence[str]) -> float:
     """Share of items two classifiers label the same way."""
     if len(a) != len(b):
         raise ValueError("agreement needs two label lists of the same length")
-    return sum(x == y for x, y in zip(a, b)) / len(a) if a else 0.0
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a) if a else 0.0
 
 
 def percentiles(values_ms: Sequence[float], qs: Sequence[int] = (50, 90, 99)) -> dict[str, float]:

@@ -22,24 +22,20 @@ import time
 import llama_cpp
 import numpy as np
 
-from edge.engine.runtime import KV_CACHE_TYPES, LlamaRuntime
+from edge.engine.config import RuntimeConfig
+from edge.engine.runtime import LlamaRuntime, context_params
 
 
 class RawContext:
     def __init__(self, rt: LlamaRuntime, engine_kv: bool = True) -> None:
         self.rt = rt
         threads = llama_cpp.llama_n_threads(rt.ctx)
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = rt.n_ctx
-        params.n_batch = rt.n_batch
-        params.n_ubatch = rt.n_batch
-        params.n_threads = threads
-        params.n_threads_batch = llama_cpp.llama_n_threads_batch(rt.ctx)
-        params.no_perf = True
-        if engine_kv:
-            params.type_k = params.type_v = KV_CACHE_TYPES[rt.config.kv_cache_type]
-            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if rt.config.flash_attn
-                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        c = rt.config
+        # n_seq_max 1: one sequence, so the unified cache context_params asks for changes nothing
+        config = RuntimeConfig(n_ctx=rt.n_ctx, n_batch=rt.n_batch, n_ubatch=rt.n_batch, n_threads=threads,
+                               n_seq_max=1, kv_cache_type=c.kv_cache_type if engine_kv else "f16",
+                               flash_attn=c.flash_attn if engine_kv else None)
+        params = context_params(config)
         self.threads = threads
         self.ctx = llama_cpp.llama_init_from_model(rt.model, params)
         if not self.ctx:

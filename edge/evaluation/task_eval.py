@@ -134,13 +134,13 @@ def evaluate_json(model: Path | str, task: str, cases: Sequence[JsonCase], setti
     finally:
         engine.close()
     fields = sorted({k for c in cases for k in c.expected})
-    exact = {f: sum(isinstance(a, dict) and a.get(f) == c.expected.get(f) for a, c in zip(answers, cases))
+    exact = {f: sum(isinstance(a, dict) and a.get(f) == c.expected.get(f) for a, c in zip(answers, cases, strict=True))
              for f in fields}
     valid = sum(jsonschema.Draft202012Validator(schema).is_valid(a) for a in answers)
     misses = [{"text": c.text, "expected": c.expected, "got": a}
-              for a, c in zip(answers, cases) if a != c.expected]
+              for a, c in zip(answers, cases, strict=True) if a != c.expected]
     n = len(cases)
     return {"model": str(model), "task": task, "n": n,
             "field_exact": {f: round(exact[f] / n, 4) for f in fields},
-            "all_fields": round(sum(a == c.expected for a, c in zip(answers, cases)) / n, 4),
+            "all_fields": round(sum(a == c.expected for a, c in zip(answers, cases, strict=True)) / n, 4),
             "valid": round(valid / n, 4), **percentiles(latencies), "misses": misses}

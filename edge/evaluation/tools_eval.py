@@ -164,7 +164,8 @@ def score(outcome: Outcome, home: Home) -> Outcome:
     if expect.get("call"):
         first = outcome.calls[0] if called else None
         outcome.name_ok = first is not None and first.name == expect.get("name")
-        outcome.args_ok = bool(outcome.name_ok) and arguments_ok(first.arguments, expect.get("arguments") or {}, home)
+        outcome.args_ok = (first is not None and bool(outcome.name_ok)
+                           and arguments_ok(first.arguments, expect.get("arguments") or {}, home))
     return outcome
 
 
@@ -172,6 +173,7 @@ def score(outcome: Outcome, home: Home) -> Outcome:
 
 def run_case(engine: Engine, case: Case, home: Home, params: SamplingParams) -> Outcome:
     spec = parse_tools(home.tools)
+    assert spec is not None, "a recorded home offers tools"
     messages = [ChatMessage("system", home.system_prompt), *case.messages]
     stats = ChatStats()
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ REPACK_RULES: tuple[tuple[tuple[str, ...], dict[str, int]], ...] = (
     (("asimd", "i8mm"), {"Q4_0": 4, "Q4_K": 8, "Q5_K": 8, "Q6_K": 8, "Q8_0": 4}),
     (("asimd", "asimddp"), {"Q4_0": 4, "Q4_K": 8, "Q5_K": 8, "Q6_K": 8, "Q8_0": 4, "IQ4_NL": 4, "MXFP4": 4}),
 )
-CRASH_SIGNALS = {signal.SIGILL: "SIGILL", signal.SIGSEGV: "SIGSEGV", signal.SIGBUS: "SIGBUS",
+CRASH_SIGNALS: dict[int, str] = {signal.SIGILL: "SIGILL", signal.SIGSEGV: "SIGSEGV", signal.SIGBUS: "SIGBUS",
                  signal.SIGABRT: "SIGABRT", signal.SIGFPE: "SIGFPE"}
 UNSAFE_HINT = ("unsafe build: this CPU advertises instructions (AMX/AVX-512) the machine or VM does "
                "not allow; rebuild with scripts/setup.sh")

@@ -272,7 +272,7 @@ def _check_tensor_data(cur: _Cursor, tensors: list[TensorEntry], data_offset: in
                            f"{t.offset}) ends past the end of the file ({cur.size} bytes)")
         spans.append((t.offset, t.offset + t.nbytes, t.name))
     spans.sort()
-    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:], strict=False):
         if start < end:
             raise cur.fail(f"corrupt: tensors {name} and {other} overlap")
 
@@ -280,7 +280,7 @@ def _check_tensor_data(cur: _Cursor, tensors: list[TensorEntry], data_offset: in
 def _file_type_name(meta: dict[str, Any]) -> str:
     value = meta.get("general.file_type")
     try:
-        name = LlamaFileType(int(value)).name
+        name = LlamaFileType(int(value)).name  # type: ignore[arg-type]  # None: TypeError, handled below
     except (TypeError, ValueError):
         return "unknown"
     return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()

@@ -1,18 +1,15 @@
 """The model files in a folder: header check, checksum against the converter's manifest.json."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.convert.manifest import MANIFEST_NAME, ManifestError, read_file_entries, sha256_of
 from edge.model.gguf_check import GGUFInfo, ModelFileError, check_gguf
 
 log = logging.getLogger(__name__)
-
-MANIFEST_NAME = "manifest.json"
-HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -45,31 +42,12 @@ class ModelFileReport:
                 "sha256": self.sha256, "expected_sha256": self.expected_sha256, "checksum_ok": self.checksum_ok}
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_manifest(folder: Path) -> dict[str, dict]:
-    """file name -> manifest entry; accepts {"files": [...]} or a bare list of entries."""
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        return {}
+    """file name -> manifest entry (edge/convert/manifest.py); ModelFileError when unreadable."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelFileError(f"{path}: unreadable manifest ({exc})") from None
-    entries = data.get("files", []) if isinstance(data, dict) else data
-    if not isinstance(entries, list):
-        raise ModelFileError(f"{path}: unexpected manifest layout (no list of files)")
-    out = {}
-    for entry in entries:
-        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
-            out[Path(entry["file"]).name] = entry
-    return out
+        return read_file_entries(folder)
+    except ManifestError as exc:
+        raise ModelFileError(str(exc)) from None
 
 
 def inspect_model_file(path: Path, manifest: dict[str, dict], with_checksum: bool = True) -> ModelFileReport:
@@ -78,11 +56,11 @@ def inspect_model_file(path: Path, manifest: dict[str, dict], with_checksum: boo
         info, error = check_gguf(path), None
     except ModelFileError as exc:
         info, error = None, str(exc)
-    digest = sha256_file(path) if with_checksum and path.is_file() else None
+    digest = sha256_of(path) if with_checksum and path.is_file() else None
     return ModelFileReport(path, info, error, digest, entry.get("sha256"), entry.get("size"))
 
 
-def inspect_model_dir(folder: Path, extra: list[Path] = (), with_checksum: bool = True) -> list[ModelFileReport]:
+def inspect_model_dir(folder: Path, extra: Sequence[Path] = (), with_checksum: bool = True) -> list[ModelFileReport]:
     """Every *.gguf in ``folder`` (plus ``extra`` files), checked; manifest errors become one report."""
     files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
     files += [p for p in extra if p not in files]

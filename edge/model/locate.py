@@ -14,8 +14,9 @@ class ModelNotFound(FileNotFoundError):
 
 
 def find_model(settings: Settings, explicit: Path | str | None = None) -> Path:
-    if explicit is not None or settings.model.path is not None:
-        path = Path(explicit if explicit is not None else settings.model.path).expanduser()
+    chosen = explicit if explicit is not None else settings.model.path
+    if chosen is not None:
+        path = Path(chosen).expanduser()
         if not path.is_file():
             raise ModelNotFound(f"model file not found: {path}")
         return path

@@ -1,6 +1,6 @@
 """Estimate, from a GGUF header alone, the resident memory llama.cpp will need, and plan a fit.
 
-The parts (all measured on llama.cpp's CPU backend; see BENCHMARKS.md "Memory (issue 4)"):
+The parts (all measured on llama.cpp's CPU backend; see docs/measurement-history.md "Memory (issue 4)"):
 
 - weights: every byte of the file's data section, read into buffers or, with mmap, as mapped file
   pages. Counting all of it is the worst case for mmap: the engine drops the mapping's pages
@@ -24,6 +24,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -35,14 +36,14 @@ MIB = 1 << 20
 # bytes per element of the KV cache types the settings allow
 KV_BYTES_PER_ELEMENT: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32}
 KV_PADDING = 256                       # llama.cpp rounds the cache size up to this many cells
-# Calibrated: python -m edge.model.measure on the stand-in and Qwen1.5-shaped files (BENCHMARKS.md).
+# Calibrated: python -m edge.engine.measure on the stand-in and Qwen1.5-shaped files (docs/measurement-history.md).
 COMPUTE_FIXED_BYTES = 48 * MIB
 COMPUTE_FLOATS_PER_TOKEN = {"n_ff": 3, "n_embd": 6}
 # RSS of python with numpy, llama_cpp, gguf and the settings (pydantic) imported, before loading:
 PYTHON_RUNTIME_BYTES = 59 * MIB
 # On top, in the daemon: fastapi, uvicorn, prometheus-client (11 MiB), engine state, threads. Measured:
 # `qwen-edge serve` with Qwen1.5-shaped Q4_K_M after three ~900-token chats, 858 MB vs 804 MB for
-# `python -m edge.model.measure` with the same settings.
+# `python -m edge.engine.measure` with the same settings.
 DAEMON_EXTRA_BYTES = 50 * MIB
 CGROUP_V2_MAX = Path("/sys/fs/cgroup/memory.max")
 CGROUP_V1_LIMIT = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
@@ -182,10 +183,10 @@ def cgroup_chain_limit(proc_cgroup: Path = Path("/proc/self/cgroup"),
     return min(limits) if limits else None
 
 
-def effective_budget_bytes(setting_mb: int, cgroup_limit: int | None | str = "auto") -> int:
+def effective_budget_bytes(setting_mb: int, cgroup_limit: int | None | Literal["auto"] = "auto") -> int:
     """The configured budget, or the cgroup's limit when that is lower."""
     budget = setting_mb * MIB
-    limit = cgroup_chain_limit() if cgroup_limit == "auto" else cgroup_limit
+    limit = cgroup_chain_limit() if isinstance(cgroup_limit, str) else cgroup_limit  # "auto"
     return min(budget, limit) if limit else budget
 
 
@@ -270,7 +271,7 @@ def plan_fit(info: GGUFInfo, budget_bytes: int, n_ctx: int, kv_cache_type: str =
     Candidates keep the context as long as possible, then prefer the better quantization, then the
     larger KV cache type: n_ctx halves down to 512 only when no quant/cache type fits.
     """
-    kw = dict(n_batch=n_batch, n_seq_max=n_seq_max, flash_attn=flash_attn, repack_rows=repack_rows,
+    kw: dict[str, Any] = dict(n_batch=n_batch, n_seq_max=n_seq_max, flash_attn=flash_attn, repack_rows=repack_rows,
               runtime_bytes=runtime_bytes, mmap=mmap, n_ubatch=n_ubatch)
     limit = int(budget_bytes * headroom)
     wanted = estimate_memory(info, n_ctx, kv_cache_type, **kw)

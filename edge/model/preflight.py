@@ -21,8 +21,9 @@ class ModelDoesNotFit(ModelFileError):
 
 def context_options(m: ModelSettings, info: GGUFInfo, repack_rows: dict[str, int] | None = None) -> dict:
     """The model settings that shape llama.cpp's context and so its memory, by the keyword names
-    `estimate_memory`, `plan_fit`, `measure_memory` and `RuntimeConfig` all share: one place to
-    add a new one. ``mmap`` comes resolved (`resolve_mmap`)."""
+    `estimate_memory`, `plan_fit` and the engine's `RuntimeConfig` (edge/engine/config.py, which
+    the engine, the memory measurement and the raw baseline build their contexts from) share: one
+    place to add a new one. ``mmap`` comes resolved (`resolve_mmap`)."""
     return {"n_batch": m.n_batch, "n_ubatch": m.n_ubatch, "n_seq_max": m.n_seq_max, "flash_attn": m.flash_attn,
             "mmap": resolve_mmap(info, m, repack_rows)}
 

@@ -2,11 +2,12 @@
 
 A child process because a bad llama.cpp build or file can kill the process that loads it, and
 because RSS of a fresh process is the figure the estimate is compared with. The child loads the
-model through llama-cpp-python's low-level API the way the engine does (unified KV cache, several
-sequences), evaluates ``n_ctx`` tokens in ``n_batch`` chunks and prints one JSON line; llama.cpp's
-own buffer-size log lines (stderr) are parsed too, so the estimate can be checked part by part.
+model and creates its context with the engine's own code (`runtime.load_model`,
+`runtime.context_params`, from one `RuntimeConfig`), evaluates ``n_ctx`` tokens in ``n_batch``
+chunks and prints one JSON line; llama.cpp's own buffer-size log lines (stderr) are parsed too, so
+the estimate (edge/model/memory.py) can be checked part by part.
 
-Run by hand: ``python -m edge.model.measure MODEL.gguf --n-ctx 2048 --kv q8_0``.
+Run by hand: ``python -m edge.engine.measure MODEL.gguf --n-ctx 2048 --kv q8_0``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# pure Python, and it imports what PYTHON_RUNTIME_BYTES counts (gguf, the settings): in the child,
+# before its baseline; the caller never imports llama_cpp, only the child does
+from edge.engine.config import RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +55,10 @@ class MeasureError(RuntimeError):
     """The measuring child failed; the message says how (exit code or signal)."""
 
 
-def measure_memory(model: Path | str, n_ctx: int = 2048, kv_cache_type: str = "q8_0", n_batch: int = 512,
-                   n_seq_max: int = 1, flash_attn: bool = True, timeout_s: float = 900.0,
-                   python: str = sys.executable, mmap: bool = False, n_ubatch: int | None = None) -> MeasuredMemory:
-    """Load ``model`` in a child process, fill ``n_ctx`` tokens, return its memory figures."""
-    cmd = [python, "-m", "edge.model.measure", str(model), "--n-ctx", str(n_ctx), "--kv", kv_cache_type,
-           "--n-batch", str(n_batch), "--n-ubatch", str(n_ubatch or n_batch), "--n-seq-max", str(n_seq_max)]
-    cmd += ([] if flash_attn else ["--no-flash-attn"]) + (["--mmap"] if mmap else [])
+def measure_memory(model: Path | str, config: RuntimeConfig, timeout_s: float = 900.0,
+                   python: str = sys.executable) -> MeasuredMemory:
+    """Load ``model`` in a child process as `config` says, fill ``n_ctx`` tokens, return its memory figures."""
+    cmd = [python, "-m", "edge.engine.measure", str(model), *child_arguments(config)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -78,35 +80,32 @@ def parse_buffer_sizes(llama_log: str) -> dict[str, float]:
     return sizes
 
 
-def _fill_context(model_path: str, n_ctx: int, kv: str, n_batch: int, n_ubatch: int, n_seq_max: int,
-                  flash_attn: bool, mmap: bool) -> int:
+def child_arguments(config: RuntimeConfig) -> list[str]:
+    """The child's command-line flags for `config` (the flags `_child` parses back into one)."""
+    args = ["--n-ctx", str(config.n_ctx), "--kv", config.kv_cache_type, "--n-batch", str(config.n_batch),
+            "--n-ubatch", str(config.n_ubatch), "--n-seq-max", str(config.n_seq_max),
+            "--n-threads", str(config.n_threads)]
+    return args + ([] if config.flash_attn else ["--no-flash-attn"]) + (["--mmap"] if config.mmap else [])
+
+
+def _fill_context(model_path: str, config: RuntimeConfig) -> int:
     import llama_cpp  # only in the child: a crash here must not take the caller down
 
-    from edge.engine.runtime import drop_mapped_pages, keep_heap_small, load_mode, release_free_heap
+    from edge.engine.process_memory import release_free_heap
+    from edge.engine.runtime import RuntimeError_, context_params, load_model
 
     logging.basicConfig(stream=sys.stderr, format="%(message)s")
     logging.getLogger("edge.llama_cpp").setLevel(logging.DEBUG)   # buffer sizes go to stderr
 
-    keep_heap_small()  # each as the engine does (importing runtime also routes llama.cpp's log)
-    llama_cpp.llama_backend_init()
-    mparams = llama_cpp.llama_model_default_params()
-    mparams.load_mode = load_mode(mmap)
-    model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
-    if not model:
-        raise SystemExit(f"llama.cpp could not load {model_path}")
-    if mmap:
-        drop_mapped_pages(Path(model_path))
-    kv_type = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[kv]
-    cp = llama_cpp.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, min(n_ubatch, n_batch), n_seq_max
-    cp.kv_unified = True
-    cp.type_k = cp.type_v = kv_type
-    cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                          else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-    ctx = llama_cpp.llama_init_from_model(model, cp)
+    try:  # as the engine does (importing runtime also routes llama.cpp's log)
+        model = load_model(Path(model_path), config.mmap)
+    except RuntimeError_ as exc:
+        raise SystemExit(str(exc)) from None
+    ctx = llama_cpp.llama_init_from_model(model, context_params(config))
     if not ctx:
-        raise SystemExit(f"llama.cpp could not create a context of {n_ctx} tokens")
+        raise SystemExit(f"llama.cpp could not create a context of {config.n_ctx} tokens")
     release_free_heap()
+    n_ctx, n_batch = config.n_ctx, config.n_batch
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
     batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
     pos = 0
@@ -142,30 +141,34 @@ def _child(argv: list[str]) -> None:
 
     import psutil
 
-    ap = argparse.ArgumentParser(prog="python -m edge.model.measure")
+    ap = argparse.ArgumentParser(prog="python -m edge.engine.measure")
     ap.add_argument("model")
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--kv", choices=("f16", "q8_0"), default="q8_0")
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--n-ubatch", type=int, default=512)
     ap.add_argument("--n-seq-max", type=int, default=1)
+    ap.add_argument("--n-threads", type=int, default=0, help="0: one per physical core")
     ap.add_argument("--no-flash-attn", action="store_true")
     ap.add_argument("--mmap", action="store_true")
     args = ap.parse_args(argv)
     proc = psutil.Process()
     import llama_cpp  # noqa: F401  (the baseline includes the library, as in the daemon)
     baseline = proc.memory_info().rss
+    config = RuntimeConfig(n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_ubatch, n_threads=args.n_threads,
+                           n_seq_max=args.n_seq_max, kv_cache_type=args.kv, flash_attn=not args.no_flash_attn,
+                           mmap=args.mmap)
     start = time.monotonic()
-    n = _fill_context(args.model, args.n_ctx, args.kv, args.n_batch, args.n_ubatch, args.n_seq_max,
-                      not args.no_flash_attn, args.mmap)
+    n = _fill_context(args.model, config)
     try:
         uss = proc.memory_full_info().uss
     except (psutil.AccessDenied, AttributeError):
         uss = None
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rss_bytes": proc.memory_info().rss, "peak_rss_bytes": peak_kib * 1024, "uss_bytes": uss,
-                      "baseline_rss_bytes": baseline, "n_tokens": n, **_rss_split(),
-                      "seconds": round(time.monotonic() - start, 2)}), flush=True)
+    line = json.dumps({"rss_bytes": proc.memory_info().rss, "peak_rss_bytes": peak_kib * 1024, "uss_bytes": uss,
+                       "baseline_rss_bytes": baseline, "n_tokens": n, **_rss_split(),
+                       "seconds": round(time.monotonic() - start, 2)})
+    print(line, flush=True)  # noqa: T201 (the child's one line of output, read by measure_memory)
 
 
 if __name__ == "__main__":
