@@ -110,6 +110,9 @@ class ChatSettings(BaseModel):
     tool_call_bias: float = Field(0.0, ge=-10, le=10, description="Added to the logits of the tokens that open "
                                                                   "a tool call at a reply's first token, when tools "
                                                                   "are offered (tool choice auto): >0 calls more")
+    tool_rounds: int = Field(1, ge=0, le=16, description="Rounds of tool calls the model may make per user "
+                                                         "message (tool choice auto); then it answers in text, "
+                                                         "since a small model repeats a call after its result")
     emotion_hints: bool = Field(False, description="Tell the assistant the emotion task's label of each user "
                                                    "message (/v1/respond, `qwen-edge chat`)")
 

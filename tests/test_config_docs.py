@@ -11,7 +11,9 @@ from edge.settings import Settings
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_table_is_the_generated_one():
+def test_readme_table_is_the_generated_one(monkeypatch):
+    for name in ("XDG_DATA_HOME", "STATE_DIRECTORY"):  # the README shows a plain user's defaults
+        monkeypatch.delenv(name, raising=False)
     table = settings_table()
     assert table in README.read_text(encoding="utf-8"), "README config table is stale: paste `qwen-edge config --docs`"
 

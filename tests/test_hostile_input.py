@@ -336,7 +336,7 @@ def test_a_foreign_output_file_is_never_modified(engine, tmp_path, content):
 
 def test_a_torn_header_is_rewritten(engine, tmp_path):
     out = tmp_path / "out.tsv"
-    out.write_bytes(b"row\tla")  # killed while writing the header
+    out.write_bytes(b"row\tan")  # killed while writing the header
     assert completed_rows(out) == 0
     list(answer_file(["good", "bad"], out, engine.classify_many))
     assert [int(r[0]) for r in _rows(out)] == [0, 1]

@@ -84,10 +84,15 @@ def test_fuzz_every_endpoint_never_5xx(case, live, http):
     _fuzz_once(case, live, http)
 
 
+# Pulling any model but the served one is refused by design with 501 Not Implemented.
+REFUSED_BY_DESIGN = {"/api/pull": (501,)}
+
+
 def _fuzz_once(case, live, http) -> None:
     _short_replies(case.body)
     response = case.call(base_url=live.url, timeout=60)
-    assert_clear_refusal_or_success(response, f"{case.method} {case.path} {str(case.body)[:300]}")
+    assert_clear_refusal_or_success(response, f"{case.method} {case.path} {str(case.body)[:300]}",
+                                    allowed_5xx=REFUSED_BY_DESIGN.get(case.path, ()))
     assert http.get("/health").status_code == 200
 
 

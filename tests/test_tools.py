@@ -174,6 +174,25 @@ def test_tool_choice_none_gives_text_and_no_calls(engine):
     assert text.startswith("<tool_call>") and stats.tool_calls == []
 
 
+def test_after_a_tool_result_the_reply_is_text(engine):
+    """chat.tool_rounds (1): a small model repeats its call after the result (Home Assistant loops ten
+    times, then fails the conversation), so after one round the model answers; a new user message
+    may call again."""
+    spec = parse_tools(WEATHER)
+    call = ToolCall("get_weather", {"city": "Oslo", "unit": "C"})
+    answered = [ChatMessage("user", "weather in Oslo?"), ChatMessage("assistant", "", tool_calls=(call,)),
+                ChatMessage("tool", '{"temperature": 3}')]
+    stats = ChatStats()
+    with steered(engine, "<tool_call>"):
+        text = "".join(engine.chat_stream(answered, GREEDY, stats, ReplyFormat(tools=spec)))
+    assert text.startswith("<tool_call>") and stats.tool_calls == []
+    stats = ChatStats()
+    with steered(engine, "<tool_call>"):
+        "".join(engine.chat_stream([*answered, ChatMessage("assistant", "3 degrees."),
+                                    ChatMessage("user", "and in Bergen?")], GREEDY, stats, ReplyFormat(tools=spec)))
+    _validate(stats.tool_calls, WEATHER)
+
+
 def test_value_rules_narrow_names_and_areas_to_the_exposed_ones(engine):
     """In an HA prompt, `name` and `area` can only be what the prompt lists; unlisted floor is gone."""
     messages = [ChatMessage("system", HOUSE["system_prompt"]), ChatMessage("user", "turn it on")]

@@ -115,6 +115,16 @@ def split_volatile(text: str, patterns: list[re.Pattern]) -> tuple[str, str]:
     return "\n".join(kept).strip("\n"), "\n".join(moved)
 
 
+def tool_rounds(messages: list[ChatMessage]) -> int:
+    """Assistant turns with tool calls since the last user message."""
+    rounds = 0
+    for m in reversed(messages):
+        if m.role == "user":
+            break
+        rounds += bool(m.role == "assistant" and m.tool_calls)
+    return rounds
+
+
 class ChatSessions:
     def __init__(self, rt: LlamaRuntime, template: ChatTemplate, personas: dict[str, str], slot_seqs: list[int],
                  defaults: ChatSettings, prefixes: PrefixCache, budget_tokens: int,
@@ -359,6 +369,8 @@ class ChatSessions:
         if fmt.tools is not None:  # argument rules read the client's own system prompt
             system = messages[0].content if messages and messages[0].role == "system" else ""
             tools = replace(fmt.tools, rules=self.rules, system_text=system)
+            if tools.choice == "auto" and tool_rounds(messages) >= self.defaults.tool_rounds:
+                tools = replace(tools, choice="none")  # still listed: the prompt, and its prefix, stay the same
             fmt = replace(fmt, tools=tools)
             self.check_template_text(tools, messages)
         prompt = self.prompt(messages, max_tokens, fmt.tools)
