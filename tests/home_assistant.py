@@ -747,9 +747,41 @@ def record_homes(venv: Path, workdir: Path) -> None:
         path.write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
 
 
+def time_turn_on(model: Path, workdir: Path, venv: Path) -> dict:
+    """Home Assistant's own Ollama integration against the daemon on `model`, Assist on: "Turn on the
+    kitchen light" in a first conversation (HA's prompt evaluated), then "Turn off the kitchen light"
+    in a new one (its stable part reused); each step's seconds as HA's REST API saw them, the state of
+    the light after each, and the daemon's access-log lines of /api/chat (prompt and cached tokens)."""
+    kitchen = "input_boolean.kitchen_light"
+    spec = {"home": load_home("apartment_en"), "daemon": daemon_command(model),
+            "daemon_env": {"QWEN_EDGE_CHAT__TEMPERATURE": "0"},
+            "steps": [{"do": "options", "name": "assist_on", "options": ASSIST_OPTIONS},
+                      {"do": "converse", "name": "turn_on", "text": "Turn on the kitchen light", "conversation": "a"},
+                      {"do": "state", "name": "after_turn_on", "entity_id": kitchen},
+                      {"do": "converse", "name": "turn_off", "text": "Turn off the kitchen light",
+                       "conversation": "b"},
+                      {"do": "state", "name": "after_turn_off", "entity_id": kitchen}]}
+    results = run_driver(spec, workdir, venv, timeout=900)
+    if results.get("error"):
+        raise SystemExit(explain(results))
+    log = (workdir / "daemon.log").read_text(errors="replace").splitlines()
+    return {"ha_version": results["setup"]["ha_version"],
+            "steps": {s["name"]: {k: s.get(k) for k in ("seconds", "speech", "state")} for s in results["steps"]},
+            "daemon_api_chat": [line.split('"POST /api/chat"')[1].strip() for line in log if '"POST /api/chat"' in line]}
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "drive":
         return driver_main(argv[1], argv[2])
+    if len(argv) == 2 and argv[0] == "time":
+        import tempfile
+
+        venv, why = ha_venv()
+        if venv is None:
+            raise SystemExit(why)
+        with tempfile.TemporaryDirectory(prefix="ha_time_") as tmp:
+            print(json.dumps(time_turn_on(Path(argv[1]).resolve(), Path(tmp), venv), ensure_ascii=False, indent=1))
+        return 0
     if argv and argv[0] in ("record", "homes"):
         import tempfile
 
@@ -762,7 +794,7 @@ def main(argv: list[str]) -> int:
             else:
                 record_homes(venv, Path(tmp))
         return 0
-    raise SystemExit(f"usage: {sys.argv[0]} drive SPEC OUT | record [OUT_DIR] | homes")
+    raise SystemExit(f"usage: {sys.argv[0]} drive SPEC OUT | record [OUT_DIR] | homes | time MODEL.gguf")
 
 
 if __name__ == "__main__":

@@ -153,10 +153,11 @@ def test_a_reply_opening_with_a_brace_is_a_bare_call(engine):
     _validate(stats.tool_calls, WEATHER)
 
 
-def test_a_call_in_a_markdown_fence_is_a_call_and_other_fences_stay_text(engine):
+@pytest.mark.parametrize("opening", ['```json\n{"name', '```json\n{\n  "name', '```\n{\n"name', '```json \n\n{"name'])
+def test_a_call_in_a_markdown_fence_is_a_call_and_other_fences_stay_text(engine, opening):
     spec = parse_tools(WEATHER)
     stats = ChatStats()
-    with steered(engine, '```json\n{"name'):
+    with steered(engine, opening):
         text = "".join(engine.chat_stream([ChatMessage("user", "weather?")], GREEDY, stats, ReplyFormat(tools=spec)))
     assert text == "" and stats.finish_reason == "tool_calls"
     _validate(stats.tool_calls, WEATHER)

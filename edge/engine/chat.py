@@ -516,7 +516,8 @@ class GenerateJob(Job):
                                                  for f in BARE_OPENERS):
             self.opening = None
             return None if self._open_bare_call(tok, piece) else seen
-        if any(f.startswith(seen.lstrip(" ")) for f in BARE_OPENERS):
+        head = seen.lstrip(" ")
+        if any(f.startswith(head) or (head.startswith(f) and not head[len(f):].strip()) for f in BARE_OPENERS):
             self.opening = seen
             return None
         self.opening = None
