@@ -12,7 +12,7 @@ import ollama
 import openai
 import pytest
 
-from edge.engine.chat import ReplyFormat
+from edge.engine.reply import ReplyFormat
 from edge.engine.grammar import Grammar
 from edge.engine.tools import CALL_OPEN, CallWatch, call_gbnf, parse_calls, parse_tools
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams, ToolCall

@@ -14,8 +14,8 @@ from edge.api.errors import ApiError, classify_exception, message_of
 from edge.api.security import check_text_length
 from edge.api.serving import ServingState
 from edge.api.streaming import ChatStream
-from edge.engine.chat import ReplyFormat
 from edge.engine.grammar import GrammarError, schema_gbnf
+from edge.engine.reply import ReplyFormat
 from edge.engine.tools import ToolError, parse_tools
 from edge.engine.types import ChatMessage, SamplingParams, ToolCall
 

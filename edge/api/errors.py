@@ -16,9 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge.api.admission import ClientGone, MemoryPressure, NotReady, RequestTimeout
 from edge.engine.batcher import ContextFull
-from edge.engine.chat import ContextOverflow
 from edge.engine.engine import TaskUnavailable
 from edge.engine.grammar import SchemaUnsupported
+from edge.engine.reply import ContextOverflow
 from edge.engine.scheduler import QueueFull, SchedulerStopped
 from edge.engine.task_runner import InputError, OutputLimit
 from edge.engine.tasks import PromptError

@@ -39,8 +39,8 @@ from edge.api.common import (
 from edge.api.errors import ApiError
 from edge.api.serving import ServingState
 from edge.api.streaming import ChatStream
-from edge.engine.chat import ReplyFormat
 from edge.engine.grammar import JSON_OBJECT_GBNF
+from edge.engine.reply import ReplyFormat
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams, ToolCall
 
 log = logging.getLogger(__name__)

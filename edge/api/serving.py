@@ -19,9 +19,9 @@ from edge.api.access import add_usage
 from edge.api.admission import POLL_S, ClientGone, MemoryMonitor, MemoryPressure, NotReady, RequestTimeout, admit
 from edge.api.model_facts import model_facts
 from edge.api.streaming import ChatStream, LoopWaker, loop_waker
-from edge.engine.chat import ReplyFormat
 from edge.engine.engine import SENTIMENT
 from edge.engine.process_memory import release_free_heap
+from edge.engine.reply import ReplyFormat
 from edge.engine.scheduler import ChatHandle, Scheduler
 from edge.engine.task_runner import SentimentResult, TaskResult
 from edge.engine.types import ChatMessage, SamplingParams

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.engine.batcher import Batcher, StepPlanner
-from edge.engine.chat import ChatSessions, GenerateJob, ReplyFormat, with_notes
+from edge.engine.chat import ChatSessions, with_notes
 from edge.engine.chat_template import ChatTemplate
 from edge.engine.config import runtime_config
 from edge.engine.jobs import Job, PrefixJob
 from edge.engine.prefixes import Prefix, PrefixCache
+from edge.engine.reply import GenerateJob, ReplyFormat
 from edge.engine.runtime import LlamaRuntime
 from edge.engine.task_runner import CompiledTask, InputError, Resources, TaskJob, TaskResult
 from edge.engine.tasks import GrammarError, PromptError, Prompts, load_prompts

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from edge.engine.chat import GenerateJob, ReplyFormat
 from edge.engine.engine import SENTIMENT, Engine
+from edge.engine.reply import GenerateJob, ReplyFormat
 from edge.engine.task_runner import TaskJob, TaskResult
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 

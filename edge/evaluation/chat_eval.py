@@ -39,7 +39,6 @@ Runs are repeatable: one seed for every reply (`--seed`, default 0), one convers
 """
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import unicodedata
@@ -50,7 +49,7 @@ from typing import Any
 
 from edge.engine.engine import Engine
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
-from edge.evaluation.datasets import SPLITS, DatasetError, in_tune_split
+from edge.evaluation.datasets import SPLITS, DatasetError, in_tune_split, read_jsonl
 from edge.evaluation.metrics import percentiles
 
 Progress = Callable[[int, int], None]
@@ -172,19 +171,10 @@ def load_cases(path: Path | str, split: str = "all", limit: int | None = None) -
     path = Path(path)
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r} (use one of {SPLITS})")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot read ({exc})") from None
+    rows = read_jsonl(path, lambda raw: Case(raw["id"], raw["lang"], raw.get("category", ""), tuple(raw["turns"])),
+                      '{"id", "lang", "turns": [...]}')
     cases = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-            case = Case(raw["id"], raw["lang"], raw.get("category", ""), tuple(raw["turns"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DatasetError(f"{path}:{n}: expected {{\"id\", \"lang\", \"turns\": [...]}} ({exc})") from None
+    for n, case in rows:
         if case.lang not in LANGUAGE_SHARE or not case.turns or not all(isinstance(t, str) and t.strip()
                                                                          for t in case.turns):
             raise DatasetError(f"{path}:{n}: lang must be one of {list(LANGUAGE_SHARE)} and turns non-empty texts")

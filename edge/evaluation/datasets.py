@@ -6,8 +6,11 @@ same rows are held out whatever order or subset of the file is read.
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from edge.tsv import TsvError, read_rows
 
@@ -23,6 +26,27 @@ class DatasetError(ValueError):
 class Example:
     text: str
     label: str
+
+
+T = TypeVar("T")
+
+
+def read_jsonl(path: Path, make: Callable[[dict], T], shape: str) -> list[tuple[int, T]]:
+    """(line number, make(object)) for each non-blank line of a JSON-lines file; DatasetError naming
+    the file, the line and `shape` (what a line holds) when the file or a line cannot be read."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read ({exc})") from None
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, make(json.loads(line))))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(f"{path}:{n}: expected {shape} ({exc})") from None
+    return rows
 
 
 def in_tune_split(text: str) -> bool:

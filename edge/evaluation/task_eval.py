@@ -8,7 +8,6 @@ the way an interactive client sees it. With several models, each is loaded, run 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ from typing import Any
 import jsonschema
 
 from edge.engine.engine import SENTIMENT, Engine
-from edge.evaluation.datasets import DatasetError, Example, in_tune_split
+from edge.evaluation.datasets import DatasetError, Example, in_tune_split, read_jsonl
 from edge.evaluation.metrics import agreement, classification_report, percentiles
 from edge.settings import Settings
 
@@ -96,21 +95,9 @@ class JsonCase:
 def read_json_cases(path: Path | str, split: str = "all", limit: int | None = None) -> list[JsonCase]:
     """Cases of a JSON task: one {"text", "lang", "expected": {...}} object per line."""
     path = Path(path)
-    cases = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot read ({exc})") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-            case = JsonCase(raw["text"], raw.get("lang", ""), raw["expected"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DatasetError(f"{path}:{n}: expected {{\"text\", \"lang\", \"expected\"}} ({exc})") from None
-        if split == "all" or in_tune_split(case.text) == (split == "tune"):
-            cases.append(case)
+    rows = read_jsonl(path, lambda raw: JsonCase(raw["text"], raw.get("lang", ""), raw["expected"]),
+                      '{"text", "lang", "expected"}')
+    cases = [case for _, case in rows if split == "all" or in_tune_split(case.text) == (split == "tune")]
     if not cases:
         raise DatasetError(f"{path}: no cases in split {split!r}")
     return cases[:limit] if limit else cases

@@ -24,10 +24,11 @@ from typing import Any
 
 import jsonschema
 
-from edge.engine.chat import ReplyFormat
 from edge.engine.engine import Engine
+from edge.engine.reply import ReplyFormat
 from edge.engine.tools import ToolSpec, parse_tools
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams, ToolCall
+from edge.evaluation.datasets import DatasetError, read_jsonl
 from edge.evaluation.metrics import percentiles
 
 TARGET_KEYS = ("name", "area", "domain")
@@ -35,7 +36,7 @@ UNASKED_KEYS = ("floor", "device_class", "color", "temperature")  # wrong unless
 Progress = Callable[[int, int], None]
 
 
-class ToolsDataError(ValueError):
+class ToolsDataError(DatasetError):
     """The cases or homes cannot be read; the message names the file."""
 
 
@@ -92,23 +93,13 @@ def load_homes(folder: Path) -> dict[str, Home]:
 
 
 def load_cases(path: Path, homes: dict[str, Home]) -> list[Case]:
-    cases = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ToolsDataError(f"{path}: {exc.strerror or exc}") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-            case = Case(raw["id"], raw["lang"], raw["category"], raw["home"],
-                        [_message(m) for m in raw["messages"]], raw["expect"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ToolsDataError(f"{path}:{n}: not a case ({exc})") from None
+    rows = read_jsonl(path, lambda raw: Case(raw["id"], raw["lang"], raw["category"], raw["home"],
+                                             [_message(m) for m in raw["messages"]], raw["expect"]),
+                      '{"id", "lang", "category", "home", "messages", "expect"}')
+    for n, case in rows:
         if case.home not in homes:
             raise ToolsDataError(f"{path}:{n}: unknown home {case.home!r}")
-        cases.append(case)
+    cases = [case for _, case in rows]
     return cases
 
 
