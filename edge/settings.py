@@ -125,8 +125,13 @@ class EngineSettings(BaseModel):
                                                                  "prompts, personas, client system prompts); the "
                                                                  "rest wait on disk. With n_ctx 3072 and one task "
                                                                  "text this leaves a conversation 2048 tokens")
-    reply_share: float = Field(0.5, gt=0, le=1, description="While replies stream, the share of a step's time "
-                                                             "kept for them; prompt tokens get the rest")
+    reply_share: float = Field(0.5, gt=0, le=1, description="While replies stream, the share of the time kept "
+                                                             "for them; prompt tokens get the rest")
+    prompt_burst_s: float = Field(1.0, ge=0, le=10, description="Prompt work (seconds) a step may take at "
+                                                                 "once beyond the reply share, saved from steps "
+                                                                 "that left theirs unspent: a new request's "
+                                                                 "prompt goes through at once, replies pause at "
+                                                                 "most this long")
     kv_state_dir: Path | None = Field(None, description="Where evicted prefixes' KV states are kept (cleared at "
                                                          "start); empty: a folder in the cache directory")
 

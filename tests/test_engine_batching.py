@@ -105,6 +105,32 @@ def test_planner_keeps_a_step_within_the_reply_share():
     assert slow.prompt_budget(2) < budget  # a larger reply share leaves fewer prompt tokens
 
 
+def _learned(planner: StepPlanner, decode_s: float, token_s: float) -> StepPlanner:
+    for _ in range(20):  # decode-only steps, then mixed ones that spend exactly what they earn
+        planner.record(2, 0, decode_s)
+        planner.record(2, 10, decode_s + 10 * token_s)
+    return planner
+
+
+def test_a_new_prompt_goes_through_at_once_and_a_flood_still_gets_only_its_share():
+    decode_s, token_s, share, burst_s = 0.030, 0.002, 0.5, 0.6
+    steady = _learned(StepPlanner(n_batch=512, reply_share=share, min_prompt=4), decode_s, token_s)
+    planner = _learned(StepPlanner(n_batch=512, reply_share=share, burst_s=burst_s, min_prompt=4), decode_s, token_s)
+    for _ in range(40):  # replies alone for a while: the saving fills up to burst_s
+        planner.record(2, 0, decode_s)
+    # a 250-token chat prompt arrives: one step takes it whole, not ~15 steps of 15 tokens
+    assert steady.prompt_budget(2) < 20
+    assert planner.prompt_budget(2) >= 250
+    # a flood: every step takes its whole budget, for 60 simulated seconds
+    replies_s = prompts_s = 0.0
+    while replies_s + prompts_s < 60:
+        n = planner.prompt_budget(2)
+        planner.record(2, n, decode_s + n * token_s)
+        replies_s, prompts_s = replies_s + decode_s, prompts_s + n * token_s
+    assert replies_s >= share * (replies_s + prompts_s) - burst_s
+    assert planner.prompt_budget(2) < 20  # the saving is spent: back to the per-step share
+
+
 def test_a_long_prompt_is_not_starved_by_short_ones(engine):
     """Shortest first, but waiting counts: a prompt waiting AGING seconds overtakes fresh short ones."""
     from edge.engine.jobs import Job

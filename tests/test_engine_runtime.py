@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from edge.engine.process_memory import release_free_heap
-from edge.engine.runtime import LlamaRuntime, RuntimeConfig
+from edge.engine.runtime import LlamaRuntime, RuntimeConfig, top_ids
 
 
 def _resident_in_mappings(path: Path) -> int | None:
@@ -124,3 +124,20 @@ def test_decode_one_gives_the_logits_decode_copies_across_batch_chunks(tiny_gguf
             rt.decode_one(1, [], len(tokens))
     finally:
         rt.close()
+
+
+@pytest.mark.parametrize("k", [1, 40, 104, 1664, 30000])
+@pytest.mark.parametrize("shape", ["normal", "ties", "masked"])
+def test_top_ids_are_exactly_the_k_best_with_ties_in_id_order(k, shape):
+    # a Qwen-sized vocabulary: the tiny test model's is too small for the sampled threshold
+    rng = np.random.default_rng(k)
+    logits = (rng.standard_normal(151_936) * 3).astype(np.float32)
+    if shape == "ties":  # few distinct values: many tie with the k-th
+        logits = np.round(logits).astype(np.float32)
+    if shape == "masked":  # a grammar or an end mask: most of the vocabulary at -inf
+        logits[rng.random(len(logits)) < 0.97] = -np.inf
+    kth = np.sort(logits)[len(logits) - k]
+    expected = np.flatnonzero(logits >= kth)
+    got = top_ids(logits, k, np.empty_like(logits), np.empty(len(logits), dtype=bool))
+    assert got.dtype == np.int32
+    assert np.array_equal(got, expected)

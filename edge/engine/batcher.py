@@ -6,8 +6,10 @@ Policy (what a step holds, in this order):
    reply advances at every step, whatever else is waiting;
 2. prompt tokens of waiting jobs (task texts, new chat prompts, prefixes), chunked: a long prompt
    never holds a step for long. While replies are generating, the prompt budget of a step is what
-   keeps the step's expected time within 1 / `reply_share` of a step without prompt tokens
-   (StepPlanner, from measured step times): replies keep at least that share of their unloaded
+   keeps the steps' time within 1 / `reply_share` of steps without prompt tokens, over time: what
+   a step leaves unspent is saved (up to `prompt_burst_s`) for a later step, so a new request's
+   prompt goes through at once while a steady flood of classification work gets only its share
+   (StepPlanner, from measured step times). Replies keep at least that share of their unloaded
    speed however much classification work arrives. With no reply generating, a step takes up to
    n_batch prompt tokens, the fastest way through a bulk of texts;
 3. among waiting jobs, the shortest remaining prompt first, each second of waiting counting as
@@ -39,17 +41,31 @@ class ContextFull(KVCacheFull):
 
 
 class StepPlanner:
-    """The prompt-token budget of a step while replies are generating, from measured step times:
-    a step is modelled as t = decode_s + n_prompt * token_s, and the budget keeps t within
-    decode_s / reply_share."""
+    """The prompt-token budget of a step while replies are generating, from measured step times.
 
-    def __init__(self, n_batch: int, reply_share: float = 0.5, min_prompt: int = 8, smoothing: float = 0.2) -> None:
+    A step is modelled as t = decode_s + n_prompt * token_s. Each step with replies earns prompt
+    work the time decode_s * (1 - reply_share) / reply_share; what a step does not spend is saved,
+    up to `burst_s`, and a later step may spend it at once. So a request that arrives while replies
+    stream gets its whole prompt evaluated in one step (its first token comes as soon as it would
+    on an idle engine), the replies pause for at most `burst_s`, and sustained prompt work (a flood
+    of classifications) gets no more than 1 - reply_share of the time: over any stretch of W
+    seconds, replies keep at least reply_share * W - burst_s. With burst_s = 0 every step keeps
+    within decode_s / reply_share. Steps without replies refill the saving: nobody was slowed."""
+
+    def __init__(self, n_batch: int, reply_share: float = 0.5, burst_s: float = 0.0, min_prompt: int = 8,
+                 smoothing: float = 0.2) -> None:
         self.n_batch = n_batch
         self.reply_share = reply_share
+        self.burst_s = burst_s
         self.min_prompt = min_prompt
         self.smoothing = smoothing
         self.decode_s: float | None = None   # a step with decode tokens only
         self.token_s: float | None = None    # each prompt token added to it
+        self.saved_s = burst_s               # prompt time earned by replies and not spent yet
+
+    def _earned(self) -> float:
+        assert self.decode_s is not None
+        return self.decode_s * (1 - self.reply_share) / self.reply_share
 
     def prompt_budget(self, n_decode: int) -> int:
         room = self.n_batch - n_decode
@@ -57,7 +73,7 @@ class StepPlanner:
             return room
         if self.decode_s is None or self.token_s is None or self.token_s <= 0:
             return min(room, self.min_prompt)
-        allowed = self.decode_s * (1 - self.reply_share) / self.reply_share / self.token_s
+        allowed = (self.saved_s + self._earned()) / self.token_s
         return max(self.min_prompt, min(room, int(allowed)))
 
     def record(self, n_decode: int, n_prompt: int, seconds: float) -> None:
@@ -68,6 +84,11 @@ class StepPlanner:
             self.token_s = ema(self.token_s, max(0.0, seconds - self.decode_s) / n_prompt)
         elif n_prompt >= 32:  # a prompt-only step: a fair estimate of the per-token cost
             self.token_s = ema(self.token_s, seconds / n_prompt)
+        if not n_decode:
+            self.saved_s = self.burst_s
+        elif self.decode_s is not None:
+            spent = max(0.0, seconds - self.decode_s) if n_prompt else 0.0
+            self.saved_s = max(0.0, min(self.burst_s, self.saved_s + self._earned() - spent))
 
 
 class Batcher:

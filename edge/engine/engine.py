@@ -81,7 +81,7 @@ class Engine:
         self.state_dir = Path(e.kv_state_dir) if e.kv_state_dir else own_state_dir()
         self.prefixes = PrefixCache(runtime, list(range(e.task_batch + e.chat_slots, n_seq)), e.prefix_tokens,
                                     self.state_dir, str(runtime.path))
-        self.batcher = Batcher(runtime, StepPlanner(runtime.n_batch, e.reply_share), self._make_room)
+        self.batcher = Batcher(runtime, StepPlanner(runtime.n_batch, e.reply_share, e.prompt_burst_s), self._make_room)
         self.lock = threading.RLock()  # the runtime is single-threaded: whoever steps holds this
         self.resources = Resources(runtime, self.prefixes, list(self.work_seqs), self._evaluate_prefix)
         self.tasks: dict[str, CompiledTask] = {}

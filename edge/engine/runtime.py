@@ -26,6 +26,31 @@ log = logging.getLogger(__name__)
 _llama_log = logging.getLogger("edge.llama_cpp")
 
 
+TOP_STRIDE = 16  # top_ids: every 16th logit estimates the threshold
+
+
+def top_ids(logits: np.ndarray, k: int, scratch: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """Ids of the k best logits (more when several tie with the k-th), in id order, without
+    allocating vocabulary-sized arrays (`scratch` and `above` are reused, one float and one bool
+    per logit) and mostly without partitioning the whole vocabulary (1 ms a token per reply on a
+    150k vocabulary): the k-th best of every TOP_STRIDE-th logit is a threshold that at least k
+    logits reach, so the k best are among the few that reach it, and only those are partitioned
+    (0.1 ms)."""
+    sample = logits[::TOP_STRIDE]
+    if 4 * k > len(sample):  # too few samples to narrow much: partition everything
+        np.copyto(scratch, logits)
+        kth = len(logits) - k
+        scratch.partition(kth)
+        np.greater_equal(logits, scratch[kth], out=above)
+        return np.flatnonzero(above).astype(np.int32)
+    threshold = np.partition(sample, len(sample) - k)[len(sample) - k]
+    np.greater_equal(logits, threshold, out=above)
+    ids = np.flatnonzero(above)
+    values = logits[ids]
+    kth = np.partition(values, len(values) - k)[len(values) - k]
+    return ids[values >= kth].astype(np.int32)
+
+
 @llama_cpp.llama_log_callback
 def _route_llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     # llama.cpp writes straight to stderr by default. Route it into logging at debug level (-vv):
@@ -362,14 +387,7 @@ class LlamaRuntime:
         return ids
 
     def _top(self, logits: np.ndarray, k: int) -> np.ndarray:
-        """Ids of the k best logits (more when several tie with the k-th), without allocating
-        vocabulary-sized arrays: partition a reused copy in place, then keep what is not below
-        the k-th value."""
-        np.copyto(self._scratch, logits)
-        kth = self.n_vocab - k
-        self._scratch.partition(kth)
-        np.greater_equal(logits, self._scratch[kth], out=self._above)
-        return np.flatnonzero(self._above).astype(np.int32)
+        return top_ids(logits, k, self._scratch, self._above)
 
     def logits(self, row: int) -> np.ndarray:
         """Logits of batch position `row` of the last decode, a numpy view valid until the next decode."""
