@@ -115,6 +115,17 @@ class ChatSettings(BaseModel):
                                                          "since a small model repeats a call after its result")
     emotion_hints: bool = Field(False, description="Tell the assistant the emotion task's label of each user "
                                                    "message (/v1/respond, `qwen-edge chat`)")
+    no_copy_tokens: int = Field(6, ge=0, le=64, description="A text reply may not repeat this many tokens in a "
+                                                            "row of the user's messages (their prose: code and "
+                                                            "quotes are exempt), so it never parrots a clause; "
+                                                            "0 = off, else at least 2")
+
+    @field_validator("no_copy_tokens")
+    @classmethod
+    def _a_run_is_two_tokens_or_more(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("0 (off) or at least 2: one token in common with the user is not a copy")
+        return value
 
 
 class EngineSettings(BaseModel):
@@ -125,7 +136,7 @@ class EngineSettings(BaseModel):
                                                                  "prompts, personas, client system prompts); the "
                                                                  "rest wait on disk. With n_ctx 3072 and one task "
                                                                  "text this leaves a conversation 2048 tokens")
-    reply_share: float = Field(0.5, gt=0, le=1, description="While replies stream, the share of the time kept "
+    reply_share: float = Field(0.65, gt=0, le=1, description="While replies stream, the share of the time kept "
                                                              "for them; prompt tokens get the rest")
     prompt_burst_s: float = Field(1.0, ge=0, le=10, description="Prompt work (seconds) a step may take at "
                                                                  "once beyond the reply share, saved from steps "

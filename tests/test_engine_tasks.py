@@ -165,4 +165,22 @@ def test_cli_lists_runs_and_benchmarks_tasks(tiny_gguf, tmp_path):
     assert bench.exit_code == 0, bench.output
     report = json.loads(bench.output.strip().splitlines()[-1])
     assert report["n"] == 2 and report["p50_ms"] > 0 and report["floor_p50_ms"] > 0
+    assert report["floor_after_prefix_p50_ms"] > 0 and report["p50_vs_floor_after_prefix"] > 0
     assert set(report["prefix"]) == {"en", "zh"} and all(r["restore_ms"] > 0 for r in report["prefix"].values())
+
+
+def test_the_floor_after_a_prefix_keeps_the_prefix_and_drops_the_last_text(engine):
+    import llama_cpp
+
+    from edge.evaluation.raw_llama import RawContext
+    raw = RawContext(engine.rt)
+    try:
+        prefix, text = engine.rt.tokenize("an instruction prefix " * 8), engine.rt.tokenize("a text to classify")
+        for _ in range(2):  # the second call reuses the prefix: only the text is evaluated again
+            raw.prefill_after_ms(prefix, text)
+            assert llama_cpp.llama_memory_seq_pos_max(raw.memory, 0) == len(prefix) + len(text) - 1
+        raw.prefill_ms(text)  # an empty cache again: the next call evaluates its prefix anew
+        raw.prefill_after_ms(prefix, text)
+        assert llama_cpp.llama_memory_seq_pos_max(raw.memory, 0) == len(prefix) + len(text) - 1
+    finally:
+        raw.close()

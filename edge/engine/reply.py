@@ -16,6 +16,7 @@ import numpy as np
 
 from edge.engine.grammar import Grammar
 from edge.engine.jobs import Job
+from edge.engine.no_copy import CopyGuard
 from edge.engine.tools import CALL_OPEN, CallWatch, ToolError, ToolSpec, call_gbnf, parse_calls
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 
@@ -77,6 +78,9 @@ class GenerateJob(Job):
         self.watch = CallWatch() if self.tools is not None and self.grammar is None else None
         self.opening: str | None = ""  # the reply's first text while it may still open a bare call
         self.chain, self.preselect = sessions.sampler(params)
+        n_copy = sessions.defaults.no_copy_tokens
+        self.no_copy = CopyGuard.of_messages([m.content for m in prompt.messages if m.role == "user"],
+                                             self.rt.tokenize, n_copy) if n_copy and self.grammar is None else None
         self.slot: Slot | None = None
         self.generated: list[int] = []
         self.text = ""        # reply text so far (content only)
@@ -136,6 +140,8 @@ class GenerateJob(Job):
             first = not self.generated and not self.text
             if first and self.watch is not None and self.s.defaults.tool_call_bias:
                 logits[self.s.call_openers()] += self.s.defaults.tool_call_bias
+            if self.no_copy is not None:
+                logits[self.no_copy.banned(self.generated)] = -np.inf
             return self.rt.sample(self.chain, self.rt.without_end(logits) if first else logits, self.preselect)
         if self.call_first is not None:
             return self._sample_first(logits, self.grammar, self.call_first)

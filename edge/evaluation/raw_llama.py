@@ -11,6 +11,8 @@ reports the floor with llama.cpp's default f16 cache). Definitions used by the b
 - prefill floor of a request: wall time of ONE `llama_decode` of exactly the tokens the engine's
   request evaluates (its text + the turn's closing tokens), logits for the last token only, on an
   EMPTY KV cache (position 0). No tokenization, no Python work, no sampling is counted.
+- prefill floor after the prefix: the same decode with the task's instruction prefix already in the
+  cache (as the engine keeps it), so the text's tokens attend to it as they must in the engine.
 - raw prefill rate: tokens/s of one `llama_decode` of n_batch tokens on an empty KV cache.
 - raw decode rate: tokens/s of single-token `llama_decode` calls with greedy argmax, after a prompt,
   timed from the first generated token's decode to the last one.
@@ -41,6 +43,7 @@ class RawContext:
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create the raw benchmark context")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self._kept: list[int] | None = None  # the prefix left in the cache by prefill_after_ms
 
     def _decode(self, tokens: list[int]) -> float:
         """One llama_decode of `tokens` appended to the cache; returns its wall time in seconds."""
@@ -58,6 +61,21 @@ class RawContext:
         if len(tokens) > self.rt.n_batch:
             raise ValueError(f"{len(tokens)} tokens do not fit one batch of {self.rt.n_batch}")
         llama_cpp.llama_memory_clear(self.memory, True)
+        self._kept = None
+        return self._decode(tokens) * 1000
+
+    def prefill_after_ms(self, prefix: list[int], tokens: list[int]) -> float:
+        """The prefill floor of `tokens` right after `prefix`, which stays in the cache between calls
+        (evaluated, untimed, when it changes), in ms."""
+        if len(tokens) > self.rt.n_batch:
+            raise ValueError(f"{len(tokens)} tokens do not fit one batch of {self.rt.n_batch}")
+        if self._kept != prefix:
+            llama_cpp.llama_memory_clear(self.memory, True)
+            for start in range(0, len(prefix), self.rt.n_batch):
+                self._decode(prefix[start:start + self.rt.n_batch])
+            self._kept = list(prefix)
+        else:
+            llama_cpp.llama_memory_seq_rm(self.memory, 0, len(prefix), -1)
         return self._decode(tokens) * 1000
 
     def prefill_tps(self, sample_tokens: list[int], repeats: int = 3) -> float:
@@ -70,6 +88,7 @@ class RawContext:
     def decode_tps(self, prompt: list[int], n_tokens: int = 64) -> float:
         """Greedy single-token decoding after `prompt`; tokens/s over n_tokens steps."""
         llama_cpp.llama_memory_clear(self.memory, True)
+        self._kept = None
         self._decode(prompt)
         total = 0.0
         for _ in range(n_tokens):
