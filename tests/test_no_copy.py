@@ -22,6 +22,13 @@ def test_the_token_that_would_complete_a_copied_run_is_banned():
     assert guard.banned([3, 2]) == []          # not a run of the sources
 
 
+def test_only_tokens_with_a_letter_are_banned():
+    digits = {3, 4}  # a number is written digit by digit: cutting it would garble it ("300" -> "3,00")
+    guard = CopyGuard([[1, 2, 3, 4, 5]], 3, bannable=lambda t: t not in digits)
+    assert guard.banned([1, 2]) == [] and guard.banned([2, 3]) == []
+    assert guard.banned([3, 4]) == [5]  # the word after the number is
+
+
 def test_code_and_quotes_are_not_the_users_prose():
     text = 'Fix this: ```def f(x): return x``` and `g()`, then say "hello world" and 「你好」 back.'
     assert prose(text) == ["Fix this: ", " and ", ", then say ", " and ", " back."]
@@ -58,7 +65,8 @@ def test_a_reply_job_guards_against_the_users_messages_by_default(engine):
                ChatMessage("assistant", "That sounds annoying."),
                ChatMessage("user", 'it shows "thermal event 42" and then shuts down')]
     job = engine.chat_job(history, GREEDY, ChatStats(), lambda _p: None)
-    expected = CopyGuard.of_messages([m.content for m in history if m.role == "user"], engine.rt.tokenize, n)
+    expected = CopyGuard.of_messages([m.content for m in history if m.role == "user"], engine.rt.tokenize,
+                                     engine.rt.piece, n)
     assert job.no_copy is not None and job.no_copy.follow == expected.follow and job.no_copy.follow
     quoted = engine.rt.tokenize("thermal event 42")
     assert not _runs(quoted, n - 1) & set(job.no_copy.follow)  # the quote may be repeated

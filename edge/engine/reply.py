@@ -79,8 +79,9 @@ class GenerateJob(Job):
         self.opening: str | None = ""  # the reply's first text while it may still open a bare call
         self.chain, self.preselect = sessions.sampler(params)
         n_copy = sessions.defaults.no_copy_tokens
-        self.no_copy = CopyGuard.of_messages([m.content for m in prompt.messages if m.role == "user"],
-                                             self.rt.tokenize, n_copy) if n_copy and self.grammar is None else None
+        users = [m.content for m in prompt.messages if m.role == "user"]
+        self.no_copy = (CopyGuard.of_messages(users, self.rt.tokenize, self.rt.piece, n_copy)
+                        if n_copy and self.grammar is None else None)
         self.slot: Slot | None = None
         self.generated: list[int] = []
         self.text = ""        # reply text so far (content only)
