@@ -106,7 +106,7 @@ def test_planner_keeps_a_step_within_the_reply_share():
 
 
 def _learned(planner: StepPlanner, decode_s: float, token_s: float) -> StepPlanner:
-    for _ in range(20):  # decode-only steps, then mixed ones that spend exactly what they earn
+    for _ in range(20):  # decode-only steps, then mixed ones
         planner.record(2, 0, decode_s)
         planner.record(2, 10, decode_s + 10 * token_s)
     return planner

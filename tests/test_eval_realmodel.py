@@ -47,3 +47,31 @@ def test_bench_json_has_every_key(tmp_path, standin_gguf):
     assert not missing
     assert out["long"]["n"] == 1 and out["short"]["n"] == 2
     assert out["peak_rss_mb"] > 100 and out["sentiment_p50_ms"] > 0
+
+
+@pytest.fixture(scope="module")
+def standin_engine(standin_gguf):
+    from edge.engine.engine import Engine
+    from edge.settings import load_settings
+    engine = Engine.load(standin_gguf, load_settings(None, chat={"max_tokens": 64, "temperature": 0.0}))
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("opening", ['```json\n{\n  "name', '{\n  "name'])
+def test_a_pretty_printed_bare_call_is_a_call(standin_engine, opening):
+    """Qwen's tokenizer has one token for "{\\n", which the grammar's compact JSON does not allow:
+    the call must still be recognised (the stand-in writes calls this way in a fence)."""
+    from test_tools import WEATHER, _validate, steered
+
+    from edge.engine.reply import ReplyFormat
+    from edge.engine.tools import parse_tools
+    from edge.engine.types import ChatMessage, ChatStats, SamplingParams
+    assert b"{\n" in [standin_engine.rt.piece(t) for t in standin_engine.rt.tokenize(opening)]
+    stats = ChatStats()
+    with steered(standin_engine, opening):
+        text = "".join(standin_engine.chat_stream([ChatMessage("user", "weather in Rome?")],
+                                                  SamplingParams(temperature=0.0), stats,
+                                                  ReplyFormat(tools=parse_tools(WEATHER))))
+    assert text == "" and stats.finish_reason == "tool_calls"
+    _validate(stats.tool_calls, WEATHER)

@@ -208,13 +208,26 @@ class GenerateJob(Job):
 
     def _open_bare_call(self, tok: int, piece: str) -> bool:
         """A reply that opens with `{` is a call written without its tags (small Qwen models often
-        do that): the tools' grammar holds from its first token, when that token fits a call."""
+        do that): the tools' grammar holds from its first token, when that token fits a call. A
+        pretty-printed call's first token ("{\n", Qwen's one token for it) does not fit the
+        grammar's compact JSON: it is replaced by the tokens of its text without the trailing
+        whitespace (not evaluated yet, as in _open_call), and the grammar writes the rest compact."""
         assert self.tools is not None
         grammar = self.s.grammar(call_gbnf(self.tools, "bare"), "tools")
-        if not len(grammar.restrict([tok])):
+        tokens = [tok] if len(grammar.restrict([tok])) else self.rt.tokenize(piece.rstrip())
+        for t in tokens:
+            if not len(grammar.restrict([t])):
+                grammar.close()
+                return False
+            grammar.accept(t)
+        if not tokens:
             grammar.close()
             return False
-        grammar.accept(tok)
+        if tokens != [tok]:
+            self.pending = tokens
+            self.generated[-1:] = tokens
+            self.generating = len(tokens) == 1  # several: evaluated as a prompt chunk
+            piece = piece.rstrip()
         self.grammar, self.calling, self.call_text = grammar, True, piece
         return True
 
