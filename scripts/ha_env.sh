@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Home Assistant venv the Home Assistant tests drive (tests/home_assistant.py).
+# The Home Assistant venv the Home Assistant tests drive (tests/home_assistant.py, tests/ha_driver.py).
 #
 #   bash scripts/ha_env.sh            create it or reuse the cached one; the last line printed is its path
 #   bash scripts/ha_env.sh --cached   print the cached venv's path, or fail without installing anything
