@@ -75,3 +75,26 @@ def test_a_pretty_printed_bare_call_is_a_call(standin_engine, opening):
                                                   ReplyFormat(tools=parse_tools(WEATHER))))
     assert text == "" and stats.finish_reason == "tool_calls"
     _validate(stats.tool_calls, WEATHER)
+
+
+@pytest.mark.parametrize("home, message, choice, call", [
+    ("house_en", "Turn off the desk lamp", "required", ("HassTurnOff", "Desk lamp")),
+    ("house_en", "Is the garage door open?", "GetLiveContext", None),
+    ("home_zh", "打开书房台灯", "required", ("HassTurnOn", "书房台灯")),
+    ("house_en", "Tell me a joke about cats.", "auto", None)])
+def test_home_assistants_requests_are_routed_by_their_intent(standin_engine, home, message, choice, call):
+    """The shipped routing on the stand-in: a command must call, a state question asks Home
+    Assistant, small talk is left to the model; a command's call names the device."""
+    from test_tools import DATA
+
+    from edge.engine.reply import ReplyFormat
+    from edge.engine.tools import parse_tools
+    from edge.engine.types import ChatMessage, ChatStats, SamplingParams
+    recorded = json.loads((DATA / "tools_eval" / "homes" / f"{home}.json").read_text(encoding="utf-8"))["recorded"]
+    messages = [ChatMessage("system", recorded["system_prompt"]), ChatMessage("user", message)]
+    fmt = standin_engine.route(messages, ReplyFormat(tools=parse_tools(recorded["tools"])))
+    assert fmt.tools is not None and fmt.tools.choice == choice
+    if call is not None:
+        stats = ChatStats()
+        "".join(standin_engine.chat_stream(messages, SamplingParams(temperature=0.0), stats, fmt))
+        assert (stats.tool_calls[0].name, stats.tool_calls[0].arguments.get("name")) == call

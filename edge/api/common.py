@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -16,7 +16,7 @@ from edge.api.serving import ServingState
 from edge.api.streaming import ChatStream
 from edge.engine.grammar import GrammarError, schema_gbnf
 from edge.engine.reply import ReplyFormat
-from edge.engine.tools import ToolError, parse_tools
+from edge.engine.tools import ToolError, parse_tools, routed, routed_message
 from edge.engine.types import ChatMessage, SamplingParams, ToolCall
 
 log = logging.getLogger(__name__)
@@ -144,9 +144,23 @@ def sampling(temperature: float | None = None, top_p: float | None = None, top_k
                           stop=stops)
 
 
+async def routed_format(request: Request, messages: list[ChatMessage], fmt: ReplyFormat) -> ReplyFormat:
+    """`fmt` with the tool choice the routing task gives the user's latest message (Engine.route,
+    with the task awaited here rather than holding a thread)."""
+    serving = serving_of(request)
+    routing = serving.engine.routing if serving.engine is not None else None
+    message = routed_message(routing, fmt.tools, messages)
+    if message is None or routing is None or fmt.tools is None:
+        return fmt
+    results = await serving.run_task(routing.task, [message], None, request)
+    request.app.state.metrics.record_task(routing.task, results)
+    return replace(fmt, tools=routed(fmt.tools, routing, results[0].label, results[0].probability))
+
+
 async def open_chat(request: Request, messages: list[ChatMessage], params: SamplingParams,
                     fmt: ReplyFormat = ReplyFormat()) -> ChatStream:
     """Submit a chat and wait for its first piece: errors before generation become HTTP errors."""
+    fmt = await routed_format(request, messages, fmt)
     handle = serving_of(request).chat(messages, params, fmt)
     stream = ChatStream(handle, request, request.app.state.metrics.record_chat)
     try:

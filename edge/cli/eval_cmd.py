@@ -129,16 +129,20 @@ def _task_command(name: str) -> click.Command:
 @click.option("--rules", "rules_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Argument rules file (default: prompts/tools/argument_values.toml), to compare variants.")
 @click.option("--no-rules", is_flag=True, help="No argument rules: the model writes any value the schema allows.")
+@click.option("--no-routing", is_flag=True,
+              help="No tool routing (prompts/tools/routing.toml): the model decides alone.")
 @click.option("--temperature", type=float, default=None, help="Sampling temperature (default: the configured one).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed, for repeatable runs.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N cases.")
+@click.option("--split", type=click.Choice(SPLITS), default="all", show_default=True,
+              help="'tune' = the ~30 % of cases used to tune notes and rules (hash of the id), 'heldout' = the rest.")
 @click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Use every N-th case (a sample across homes, languages and categories, to compare variants).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML settings file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def tools(file: Path, model_path: Path, homes: Path | None, rules_file: Path | None, no_rules: bool,
-          temperature: float | None, seed: int, limit: int | None, every: int, config_file: Path | None,
-          as_json: bool) -> None:
+          no_routing: bool, temperature: float | None, seed: int,
+          limit: int | None, split: str, every: int, config_file: Path | None, as_json: bool) -> None:
     """Tool calls on Home Assistant's own prompts and tools: decision, tool name, arguments, validity."""
     from edge.engine.engine import Engine
     from edge.engine.tools import ArgumentRules, load_rules
@@ -147,11 +151,13 @@ def tools(file: Path, model_path: Path, homes: Path | None, rules_file: Path | N
     with friendly_errors(ValueError):  # besides the user errors: Engine.load's refusal of the settings
         settings = load_settings(config_file)
         recorded = load_homes(homes or file.parent / "homes")
-        cases = load_cases(file, recorded)[::every][:limit]
+        cases = load_cases(file, recorded, split)[::every][:limit]
         engine = Engine.load(model_path, settings)
     try:
         if no_rules or rules_file is not None:
             engine.chat.rules = load_rules(rules_file) if rules_file is not None else ArgumentRules()
+        if no_routing:
+            engine.routing = None
         result = evaluate(engine, cases, recorded, SamplingParams(temperature=temperature, seed=seed),
                           progress=_progress_factory(not as_json)("tools"))
     finally:

@@ -41,6 +41,7 @@ from edge.engine.tools import (
     ToolError,
     ToolSpec,
     render_fallback,
+    shown_definitions,
 )
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.settings import ChatSettings
@@ -134,7 +135,7 @@ class ChatSessions:
         tool_defs = None
         if tools is not None and tools.tools:
             if self.template.supports_tools:
-                tool_defs = [t.definition for t in tools.tools]
+                tool_defs = shown_definitions(tools)
             else:
                 msgs = render_fallback(msgs, tools)
         elif any(m.role == "tool" or m.tool_calls for m in msgs):
@@ -334,7 +335,8 @@ class ChatSessions:
         max_tokens = params.max_tokens or self.defaults.max_tokens
         if fmt.tools is not None:  # argument rules read the client's own system prompt
             system = messages[0].content if messages and messages[0].role == "system" else ""
-            tools = replace(fmt.tools, rules=self.rules, system_text=system)
+            users = [m.content for m in messages if m.role == "user"]
+            tools = replace(fmt.tools, rules=self.rules, system_text=system, user_text=users[-1] if users else "")
             if tools.choice == "auto" and tool_rounds(messages) >= self.defaults.tool_rounds:
                 tools = replace(tools, choice="none")  # still listed: the prompt, and its prefix, stay the same
             fmt = replace(fmt, tools=tools)

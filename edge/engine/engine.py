@@ -16,7 +16,7 @@ import shutil
 import threading
 from collections import deque
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edge.engine.batcher import Batcher, StepPlanner
@@ -29,7 +29,7 @@ from edge.engine.reply import GenerateJob, ReplyFormat
 from edge.engine.runtime import LlamaRuntime
 from edge.engine.task_runner import CompiledTask, InputError, Resources, TaskJob, TaskResult
 from edge.engine.tasks import GrammarError, PromptError, Prompts, load_prompts
-from edge.engine.tools import load_rules
+from edge.engine.tools import load_routing, load_rules, routed, routed_message
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.model.gguf_check import check_gguf
 from edge.settings import Settings, cache_dir
@@ -127,6 +127,12 @@ class Engine:
             if compiled.get(name) is not old:
                 old.close()
         rules = load_rules(Path(self.settings.prompts.dir) / "tools" / "argument_values.toml")
+        label_tasks = {name: t.spec.label_ids for name, t in compiled.items() if t.spec.output == "label"}
+        try:
+            self.routing = load_routing(Path(self.settings.prompts.dir) / "tools" / "routing.toml", label_tasks)
+        except GrammarError as exc:  # e.g. its task was refused: replies go unrouted, the rest serves
+            log.error("tool routing is off: %s", exc)
+            self.routing = None
         self.prefixes.clear()  # prefixes of the old prompts are stale
         old_chat = getattr(self, "chat", None)
         if old_chat is not None:
@@ -236,6 +242,16 @@ class Engine:
                  on_end=None, fmt: ReplyFormat = ReplyFormat()) -> GenerateJob:
         with self.lock:
             return self.chat.job(messages, params, stats, emit, on_end, fmt)
+
+    def route(self, messages: list[ChatMessage], fmt: ReplyFormat) -> ReplyFormat:
+        """`fmt` with the tool choice the routing task gives the user's latest message
+        (prompts/tools/routing.toml; unchanged where it does not apply). The HTTP API does the same
+        with the task run asynchronously (api/common.py)."""
+        message = routed_message(self.routing, fmt.tools, messages)
+        if message is None or fmt.tools is None or self.routing is None:
+            return fmt
+        result = self.run_task(self.routing.task, [message])[0]
+        return replace(fmt, tools=routed(fmt.tools, self.routing, result.label, result.probability))
 
     def chat_stream(self, messages: list[ChatMessage], params: SamplingParams = SamplingParams(),
                     stats: ChatStats | None = None, fmt: ReplyFormat = ReplyFormat()) -> Generator[str, None, None]:

@@ -23,7 +23,7 @@ import json
 import re
 import tomllib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class ArgumentRules:
     values: tuple[ValueRule, ...] = ()
     exclusive: tuple[tuple[str, ...], ...] = ()   # at most one argument of each group in a call
     order: tuple[str, ...] = ()                   # these arguments are written first, in this order
+    from_message: tuple[str, ...] = ()            # values only as written in the user's latest message
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class ToolSpec:
     parallel: bool = True
     rules: ArgumentRules = ArgumentRules()
     system_text: str = ""     # the client's system prompt, where the rules look
+    user_text: str = ""       # the user's latest message, where `from_message` values come from
 
     @property
     def active(self) -> bool:
@@ -128,7 +130,8 @@ def _choice(choice: Any, names: list[str]) -> str:
 # -- argument rules -------------------------------------------------------------------------------
 
 def load_rules(path: Path) -> ArgumentRules:
-    """[[rule]] argument/pattern/separator, [[exclusive]] arguments, [order] first."""
+    """[[rule]] argument/pattern/separator, [[exclusive]] arguments, [order] first,
+    [from_message] arguments."""
     if not path.exists():
         return ArgumentRules()
     try:
@@ -137,9 +140,62 @@ def load_rules(path: Path) -> ArgumentRules:
                        for r in table.get("rule", []))
         exclusive = tuple(tuple(group["arguments"]) for group in table.get("exclusive", []))
         order = tuple(table.get("order", {}).get("first", []))
+        from_message = tuple(table.get("from_message", {}).get("arguments", []))
     except (tomllib.TOMLDecodeError, KeyError, TypeError, re.error, UnicodeDecodeError) as exc:
         raise GrammarError(f"{path}: {exc}") from None
-    return ArgumentRules(values, exclusive, order)
+    return ArgumentRules(values, exclusive, order, from_message)
+
+
+@dataclass(frozen=True)
+class ToolRouting:
+    """prompts/tools/routing.toml: a label task reads the user's latest message before the reply,
+    and its label sets the tool choice (a small model tells "turn it off" from "is it off?" far
+    better as a label of its own than inside a long client prompt)."""
+    task: str                        # a label task of prompts/tasks/
+    when_tools: tuple[str, ...]      # only requests that offer all of these tools are routed
+    choices: dict[str, str]          # label -> auto | none | required | a tool's name
+    min_probability: float = 0.0     # a label the task is less sure of routes nowhere (auto)
+
+
+def load_routing(path: Path, labels_of: dict[str, list[str]]) -> ToolRouting | None:
+    """The routing file (None without it); `labels_of` maps each label task to its labels."""
+    if not path.exists():
+        return None
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        routing = ToolRouting(table["task"], tuple(table["when_tools"]), dict(table["choice"]),
+                              float(table.get("min_probability", 0.0)))
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+        raise GrammarError(f"{path}: {exc}") from None
+    if routing.task not in labels_of:
+        raise GrammarError(f"{path}: task {routing.task!r} is not a label task in prompts/tasks/")
+    unknown = sorted(set(routing.choices) - set(labels_of[routing.task]))
+    if unknown:
+        raise GrammarError(f"{path}: {', '.join(unknown)} not among the labels of {routing.task!r}")
+    if not routing.when_tools or not all(isinstance(c, str) for c in routing.choices.values()):
+        raise GrammarError(f"{path}: when_tools must list tools and each choice must be a string")
+    return routing
+
+
+def routed_message(routing: ToolRouting | None, spec: ToolSpec | None, messages: list[ChatMessage]) -> str | None:
+    """The message the routing task is to read: the user's latest one, when `routing` applies to a
+    reply with `spec` after `messages` (tool choice auto, every tool of when_tools offered, the
+    user has the last word: after a tool result the reply is the model's own); None otherwise."""
+    if routing is None or spec is None or spec.choice != "auto" or not messages or messages[-1].role != "user":
+        return None
+    offered = {t.name for t in spec.tools}
+    message = messages[-1].content
+    return message if message.strip() and all(name in offered for name in routing.when_tools) else None
+
+
+def routed(spec: ToolSpec, routing: ToolRouting, label: str | None, probability: float | None) -> ToolSpec:
+    """`spec` with the tool choice the label routes to (unchanged for a label without a choice, one
+    below min_probability, or one naming a tool the request does not offer)."""
+    sure = probability is not None and probability >= routing.min_probability
+    choice = routing.choices.get(label or "") if sure else None
+    if choice is None or (choice not in CHOICES and choice not in {t.name for t in spec.tools}):
+        return spec
+    return replace(spec, choice=choice)
 
 
 def listed_values(rule: ValueRule, text: str) -> list[str]:
@@ -197,11 +253,84 @@ def _exclusive(schema: dict, rules: ArgumentRules) -> dict:
     return schema
 
 
-def arguments_schema(tool: Tool, rules: ArgumentRules, text: str) -> dict:
-    return _exclusive(_narrow_values(tool.parameters, rules, text), rules)
+ZH_DIGITS = {c: i for i, c in enumerate("零一二三四五六七八九")} | {"两": 2}
+# 百分之N is N percent; otherwise two characters at least: 一点 (a little), 一下 (once) are no numbers
+ZH_NUMERAL = re.compile("百分之([零一二两三四五六七八九十百]+)|([零一二两三四五六七八九十百]{2,})")
+
+
+def zh_integer(numeral: str) -> int:
+    """The value of a Chinese numeral below 1000: 八十 80, 十五 15, 一百零五 105."""
+    total = digit = 0
+    for ch in numeral:
+        if ch in ZH_DIGITS:
+            digit = ZH_DIGITS[ch]
+        else:
+            total += (digit or 1) * (10 if ch == "十" else 100)
+            digit = 0
+    return total + digit
+
+
+def written_values(kind: str, message: str) -> list:
+    """The values of JSON type `kind` written in `message`: numbers in digits or in Chinese
+    numerals, strings as Latin words (CJK text runs on without spaces: no words)."""
+    numerals = [zh_integer(a or b) for a, b in ZH_NUMERAL.findall(message)]
+    if kind == "string":
+        found: list = re.findall(r"[A-Za-zÀ-ÿ]{3,}", message)
+    elif kind == "integer":
+        found = [int(v) for v in re.findall(r"(?<![\d.])\d{1,6}(?![\d.])", message)] + numerals
+    elif kind == "number":
+        found = [float(v) for v in re.findall(r"\d+(?:\.\d+)?", message)] + [float(n) for n in numerals]
+    else:
+        return []
+    return list(dict.fromkeys(found))
+
+
+def _from_message(schema: dict, rules: ArgumentRules, message: str) -> dict:
+    """Each `from_message` argument limited to the values of its type written in `message`
+    (`written_values`); left out, unless required, when the message writes none: a brightness the
+    user did not say cannot be right."""
+    props = schema.get("properties")
+    if not isinstance(props, dict) or not rules.from_message:
+        return schema
+    required = set(schema.get("required") or [])
+    out = dict(props)
+    for name in rules.from_message:
+        prop = props.get(name)
+        if not isinstance(prop, dict) or "enum" in prop or "const" in prop:
+            continue
+        values = written_values(str(prop.get("type")), message)
+        if values:
+            out[name] = {**prop, "enum": values}
+        elif name not in required:
+            out.pop(name)
+    return {**schema, "properties": out}
+
+
+def arguments_schema(tool: Tool, rules: ArgumentRules, text: str, message: str = "") -> dict:
+    narrowed = _from_message(_narrow_values(tool.parameters, rules, text), rules, message)
+    return _exclusive(narrowed, rules)
 
 
 # -- grammar --------------------------------------------------------------------------------------
+
+def shown_definitions(spec: ToolSpec) -> list[dict]:
+    """The tools as the model is shown them: the client's definitions, with the properties the
+    order rule names listed first, in that order. A small model writes arguments in the order it
+    was shown them (Home Assistant lists a light's colour and temperature before its brightness),
+    and the grammar has them in the rule's order, so the two must agree."""
+    first = applicable(spec).order
+    if not first:
+        return [t.definition for t in spec.tools]
+    shown = []
+    for tool in spec.tools:
+        fn = tool.definition["function"]
+        props = (fn.get("parameters") or {}).get("properties")
+        if isinstance(props, dict):
+            ordered = {k: props[k] for k in first if k in props} | props
+            fn = {**fn, "parameters": {**fn["parameters"], "properties": ordered}}
+        shown.append({**tool.definition, "function": fn})
+    return shown
+
 
 def call_schema(spec: ToolSpec) -> dict:
     """The JSON schema of one call: {"name": <a tool>, "arguments": <its arguments>}."""
@@ -209,7 +338,7 @@ def call_schema(spec: ToolSpec) -> dict:
     rules = applicable(spec)
     return {"anyOf": [{"type": "object", "properties": {
         "name": {"const": t.name},
-        "arguments": arguments_schema(t, rules, spec.system_text)},
+        "arguments": arguments_schema(t, rules, spec.system_text, spec.user_text)},
         "required": ["name", "arguments"]} for t in tools]}
 
 
@@ -253,7 +382,7 @@ def parse_calls(text: str) -> list[ToolCall]:
 # -- rendering without template support -------------------------------------------------------------
 
 def tools_block(spec: ToolSpec) -> str:
-    lines = "".join("\n" + json.dumps(t.definition, ensure_ascii=False) for t in spec.tools)
+    lines = "".join("\n" + json.dumps(d, ensure_ascii=False) for d in shown_definitions(spec))
     return f"{TOOLS_HEADER}{lines}{TOOLS_FOOTER}"
 
 

@@ -28,7 +28,7 @@ from edge.engine.engine import Engine
 from edge.engine.reply import ReplyFormat
 from edge.engine.tools import ToolSpec, parse_tools
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams, ToolCall
-from edge.evaluation.datasets import DatasetError, read_jsonl
+from edge.evaluation.datasets import SPLITS, DatasetError, in_tune_split, read_jsonl
 from edge.evaluation.metrics import percentiles
 
 TARGET_KEYS = ("name", "area", "domain")
@@ -92,14 +92,20 @@ def load_homes(folder: Path) -> dict[str, Home]:
     return homes
 
 
-def load_cases(path: Path, homes: dict[str, Home]) -> list[Case]:
+def load_cases(path: Path, homes: dict[str, Home], split: str = "all") -> list[Case]:
+    """The cases of one split: 'tune' is the ~30 % chosen by a hash of their id
+    (datasets.in_tune_split), on which tool notes and rules are tried; 'heldout' is the rest."""
+    if split not in SPLITS:
+        raise ToolsDataError(f"unknown split {split!r} (use one of {SPLITS})")
     rows = read_jsonl(path, lambda raw: Case(raw["id"], raw["lang"], raw["category"], raw["home"],
                                              [_message(m) for m in raw["messages"]], raw["expect"]),
                       '{"id", "lang", "category", "home", "messages", "expect"}')
     for n, case in rows:
         if case.home not in homes:
             raise ToolsDataError(f"{path}:{n}: unknown home {case.home!r}")
-    cases = [case for _, case in rows]
+    cases = [case for _, case in rows if split == "all" or in_tune_split(case.id) == (split == "tune")]
+    if not cases:
+        raise ToolsDataError(f"{path}: no cases in split {split!r}")
     return cases
 
 
@@ -168,7 +174,8 @@ def run_case(engine: Engine, case: Case, home: Home, params: SamplingParams) -> 
     messages = [ChatMessage("system", home.system_prompt), *case.messages]
     stats = ChatStats()
     t0 = time.perf_counter()
-    text = "".join(engine.chat_stream(messages, params, stats, ReplyFormat(tools=spec)))
+    fmt = engine.route(messages, ReplyFormat(tools=spec))
+    text = "".join(engine.chat_stream(messages, params, stats, fmt))
     outcome = Outcome(case, list(stats.tool_calls), text, (time.perf_counter() - t0) * 1000, stats.ttft_ms,
                       stats.finish_reason)
     outcome.invalid = invalid_calls(outcome.calls, spec)
