@@ -135,7 +135,7 @@ def _task_command(name: str) -> click.Command:
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed, for repeatable runs.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N cases.")
 @click.option("--split", type=click.Choice(SPLITS), default="all", show_default=True,
-              help="'tune' = the ~30 % of cases used to tune notes and rules (hash of the id), 'heldout' = the rest.")
+              help="'tune' = the ~30 % of cases rules and routing are tuned on (hash of the id), 'heldout' = the rest.")
 @click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Use every N-th case (a sample across homes, languages and categories, to compare variants).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML settings file.")

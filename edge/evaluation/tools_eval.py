@@ -94,7 +94,7 @@ def load_homes(folder: Path) -> dict[str, Home]:
 
 def load_cases(path: Path, homes: dict[str, Home], split: str = "all") -> list[Case]:
     """The cases of one split: 'tune' is the ~30 % chosen by a hash of their id
-    (datasets.in_tune_split), on which tool notes and rules are tried; 'heldout' is the rest."""
+    (datasets.in_tune_split), on which argument rules and routing are tried; 'heldout' is the rest."""
     if split not in SPLITS:
         raise ToolsDataError(f"unknown split {split!r} (use one of {SPLITS})")
     rows = read_jsonl(path, lambda raw: Case(raw["id"], raw["lang"], raw["category"], raw["home"],
