@@ -62,7 +62,7 @@ def standin_engine(standin_gguf):
 def test_a_pretty_printed_bare_call_is_a_call(standin_engine, opening):
     """Qwen's tokenizer has one token for "{\\n", which the grammar's compact JSON does not allow:
     the call must still be recognised (the stand-in writes calls this way in a fence)."""
-    from test_tools import WEATHER, _validate, steered
+    from tool_fixtures import WEATHER, _validate, steered
 
     from edge.engine.reply import ReplyFormat
     from edge.engine.tools import parse_tools
@@ -85,7 +85,7 @@ def test_a_pretty_printed_bare_call_is_a_call(standin_engine, opening):
 def test_home_assistants_requests_are_routed_by_their_intent(standin_engine, home, message, choice, call):
     """The shipped routing on the stand-in: a command must call, a state question asks Home
     Assistant, small talk is left to the model; a command's call names the device."""
-    from test_tools import DATA
+    from tool_fixtures import DATA
 
     from edge.engine.reply import ReplyFormat
     from edge.engine.tools import parse_tools

@@ -3,80 +3,29 @@ round-trips through the template; both APIs frame calls the way their clients re
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
-from pathlib import Path
 
-import jsonschema
 import numpy as np
 import ollama
 import openai
 import pytest
+from tool_fixtures import (  # noqa: F401  (engine, live: fixtures)
+    ALARM,
+    DATA,
+    GREEDY,
+    HA_TOOLS,
+    HOUSE,
+    WEATHER,
+    WEATHER_VIA_OLLAMA,
+    _validate,
+    engine,
+    live,
+    steered,
+)
 
-from edge.engine.reply import ReplyFormat
 from edge.engine.grammar import Grammar
+from edge.engine.reply import ReplyFormat
 from edge.engine.tools import CALL_OPEN, CallWatch, call_gbnf, parse_calls, parse_tools
-from edge.engine.types import ChatMessage, ChatStats, SamplingParams, ToolCall
-from serving_helpers import api_settings, serving_engine
-
-DATA = Path(__file__).resolve().parent / "data"
-HA_REQUEST = json.loads((DATA / "home_assistant" / "01_assist_en_turn_on.json").read_text(encoding="utf-8"))
-HA_TOOLS = HA_REQUEST["tools"]
-HOUSE = json.loads((DATA / "tools_eval" / "homes" / "house_en.json").read_text(encoding="utf-8"))["recorded"]
-GREEDY = SamplingParams(max_tokens=160, temperature=0.0)
-WEATHER = [{"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "required": ["city", "unit"], "properties": {
-        "city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["C", "F"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}]
-
-
-ALARM = {"type": "function", "function": {"name": "set_alarm", "parameters": {
-    "type": "object", "required": ["hour"], "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23},
-                                                          "label": {"type": "string", "maxLength": 10}}}}}
-# what the `ollama` client sends of WEATHER: its Tool model keeps type, enum and required, and drops
-# maxLength / minimum / maximum, so the server can only enforce this
-WEATHER_VIA_OLLAMA = [{"type": "function", "function": {
-    "name": "get_weather", "parameters": {"type": "object", "required": ["city", "unit"], "properties": {
-        "city": {"type": "string"}, "unit": {"enum": ["C", "F"]}, "days": {"type": "integer"}}}}}]
-
-
-def _validate(calls: list[ToolCall], tools: list[dict]) -> None:
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
-    assert calls, "no call"
-    for call in calls:
-        assert call.name in schemas, call
-        jsonschema.validate(call.arguments, schemas[call.name])
-
-
-@contextmanager
-def steered(engine, text: str):
-    """Make the model write `text` first (its tokens get the best logits), then whatever it wants."""
-    plan = engine.rt.tokenize(text, special=True)
-    real = engine.rt.logits
-
-    def logits(row: int) -> np.ndarray:
-        out = real(row).copy()
-        if plan:
-            out[plan.pop(0)] = out.max() + 1000.0
-        return out
-    engine.rt.logits = logits
-    try:
-        yield
-    finally:
-        del engine.rt.logits
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_gguf):
-    """A context big enough for Home Assistant's prompts in the tiny model's byte-level tokenizer."""
-    from edge.engine.engine import Engine
-    from engine_fixtures import tiny_settings
-    settings = tiny_settings()
-    settings.model.n_ctx = 8192
-    eng = Engine.load(tiny_gguf, settings)
-    yield eng
-    eng.close()
-
+from edge.engine.types import ChatMessage, ChatStats, ToolCall
 
 # -- the pieces -------------------------------------------------------------------------------------
 
@@ -233,12 +182,6 @@ def test_tool_turns_render_in_the_documented_format(engine):
 
 # -- the APIs ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def live(tiny_gguf):
-    with serving_engine(tiny_gguf, api_settings(model={"n_ctx": 8192}, chat={"max_tokens": 120})) as server:
-        yield server
-
-
 def test_openai_required_tool_choice_and_its_streamed_deltas(live):
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="x")
     msgs = [{"role": "user", "content": "weather in Oslo?"}]
@@ -341,177 +284,3 @@ def test_home_assistants_prompt_is_paid_once(live):
             assert cached / prompt >= 0.9, (name, cached, prompt)
 
 
-def test_argument_rules_keep_name_and_area_apart_and_the_target_first(engine):
-    """HA's prompt: "prefer passing just name and domain" / "just area name and domain"; a light gets
-    one change a call; a brightness is one the user's message wrote."""
-    from dataclasses import replace
-    spec = replace(parse_tools(HOUSE["tools"], "required"), rules=engine.chat.rules, system_text=HOUSE["system_prompt"],
-                   user_text="Desk lamp to 40 percent please")
-    grammar = Grammar(engine.rt, call_gbnf(spec, "forced"), "tools")
-
-    def next_texts(prefix: str) -> set[str]:
-        g = grammar.clone()
-        try:
-            for tok in engine.rt.tokenize(prefix, special=True):
-                assert tok in set(g.allowed().tolist()), prefix
-                g.accept(tok)
-            return {engine.rt.piece(int(t)).decode("utf-8", "replace") for t in g.allowed()}
-        finally:
-            g.close()
-    try:
-        light = '<tool_call>\n{"name": "HassLightSet", "arguments": {"name": "Desk lamp", '
-        after_name = next_texts(light + '"')
-        assert any(t.startswith("b") for t in after_name) and any(t.startswith("d") for t in after_name)
-        assert not any(t.startswith("a") for t in after_name)  # no area next to a name
-        assert next_texts(light + '"brightness": ') == {"4"}  # the message's number, and only it
-        # one change a call: nothing but the end after the brightness (no color, no temperature)
-        assert not any(t.strip(" ,") for t in next_texts(light + '"brightness": 40') if t.strip(" ,") not in "}")
-        after_area = next_texts('<tool_call>\n{"name": "HassTurnOff", "arguments": {"area": "Kitchen", "')
-        assert not any(t.startswith("n") for t in after_area)
-    finally:
-        grammar.close()
-
-
-@pytest.mark.parametrize("message, integers", [
-    ("Dim the living room lamp to 30%", [30]), ("书房台灯亮度调到百分之八十", [80]),
-    ("把客厅窗帘开到百分之三十五", [35]), ("一百零五, 两个, 十五 and 7.5", [105, 15]), ("调暗一点", []),
-    ("turn it off", [])])
-def test_values_written_in_the_message(message, integers):
-    from edge.engine.tools import written_values
-    assert written_values("integer", message) == integers
-
-
-def test_from_message_arguments_take_only_what_the_user_wrote():
-    """The shipped rules: brightness, position, temperature and color only as the message writes them."""
-    from dataclasses import replace
-    from edge.engine.tools import call_schema, load_rules
-    rules = load_rules(Path(__file__).resolve().parents[1] / "prompts" / "tools" / "argument_values.toml")
-    spec = replace(parse_tools(HOUSE["tools"]), choice="HassLightSet", rules=rules, system_text=HOUSE["system_prompt"])
-
-    def arguments(message: str) -> dict:
-        variants = call_schema(replace(spec, user_text=message))["anyOf"][0]["properties"]["arguments"]
-        merged: dict = {}
-        for variant in jsonschema_variants(variants):
-            merged |= variant["properties"]
-        return merged
-    args = arguments("Make the desk lamp red at 25 percent")
-    assert args["brightness"]["enum"] == [25] and args["temperature"]["enum"] == [25] and "red" in args["color"]["enum"]
-    assert "brightness" not in arguments("Make the desk lamp red") and "color" not in arguments("台灯调暗一点")
-    assert arguments("书房台灯亮度调到百分之八十")["brightness"]["enum"] == [80]
-
-
-def jsonschema_variants(schema: dict) -> list[dict]:
-    """The object schemas of a (nested) anyOf."""
-    return [v for alt in schema["anyOf"] for v in jsonschema_variants(alt)] if "anyOf" in schema else [schema]
-
-
-def test_the_model_is_shown_the_arguments_in_the_order_the_grammar_writes_them(engine):
-    from dataclasses import replace
-    from edge.engine.tools import shown_definitions
-    spec = replace(parse_tools(HOUSE["tools"]), rules=engine.chat.rules, system_text=HOUSE["system_prompt"])
-    light = next(d for d in shown_definitions(spec) if d["function"]["name"] == "HassLightSet")
-    assert list(light["function"]["parameters"]["properties"])[:3] == ["name", "area", "domain"]
-    assert list(light["function"]["parameters"]["properties"]).index("brightness") < \
-        list(light["function"]["parameters"]["properties"]).index("color")
-    plain = parse_tools(WEATHER)  # no rules apply to a prompt that lists no devices: as sent
-    assert shown_definitions(plain) == [t.definition for t in plain.tools]
-
-
-# -- routing: a label task sets the tool choice ------------------------------------------------------
-
-HA_NAMES = ("HassTurnOn", "HassTurnOff", "GetLiveContext")
-
-
-def _routing(choice: str, min_probability: float = 0.0):
-    from edge.engine.tools import ToolRouting
-    return ToolRouting("home_intent", HA_NAMES, {label: choice for label in ("control", "state", "other")},
-                       min_probability)
-
-
-def test_routing_files_are_checked_against_the_tasks(tmp_path):
-    from edge.engine.grammar import GrammarError
-    from edge.engine.tools import load_routing
-    labels = {"home_intent": ["control", "state", "other"]}
-    path = tmp_path / "routing.toml"
-    assert load_routing(path, labels) is None  # no file: no routing
-    for text, error in [('task = "nope"\nwhen_tools = ["a"]\n[choice]\n', "not a label task"),
-                        ('task = "home_intent"\nwhen_tools = ["a"]\n[choice]\ncontrl = "required"\n', "contrl"),
-                        ('task = "home_intent"\n[choice]\n', "when_tools"),
-                        ('task = "home_intent"\nwhen_tools = []\n[choice]\n', "when_tools"),
-                        ("task = [", "routing.toml")]:
-        path.write_text(text, encoding="utf-8")
-        with pytest.raises(GrammarError, match=error) as info:
-            load_routing(path, labels)
-        assert str(path) in str(info.value)
-    path.write_text('task = "home_intent"\nwhen_tools = ["HassTurnOn"]\nmin_probability = 0.5\n'
-                    '[choice]\nstate = "GetLiveContext"\n', encoding="utf-8")
-    routing = load_routing(path, labels)
-    assert routing is not None and routing.choices == {"state": "GetLiveContext"} and routing.min_probability == 0.5
-
-
-def test_only_the_users_own_turn_with_the_named_tools_and_choice_auto_is_routed():
-    from dataclasses import replace
-    from edge.engine.tools import routed, routed_message
-    routing = _routing("GetLiveContext", min_probability=0.6)
-    ha, user = parse_tools(HOUSE["tools"]), [ChatMessage("system", "s"), ChatMessage("user", "is it on?")]
-    assert routed_message(routing, ha, user) == "is it on?"
-    assert routed_message(None, ha, user) is None
-    assert routed_message(routing, parse_tools(WEATHER), user) is None            # not Home Assistant's tools
-    assert routed_message(routing, replace(ha, choice="none"), user) is None      # the client chose
-    assert routed_message(routing, ha, [*user, ChatMessage("tool", "{}")]) is None  # after a tool result
-    assert routed_message(routing, ha, [ChatMessage("user", "  ")]) is None
-    assert routed(ha, routing, "state", 0.9).choice == "GetLiveContext"
-    assert routed(ha, routing, "state", 0.5).choice == "auto"                     # unsure: the model decides
-    assert routed(parse_tools(WEATHER), routing, "state", 0.9).choice == "auto"   # a tool it does not offer
-
-
-def test_a_routed_request_gets_the_call_its_label_routes_to(engine):
-    spec = parse_tools(HOUSE["tools"])
-    messages = [ChatMessage("system", HOUSE["system_prompt"]), ChatMessage("user", "Is the desk lamp on?")]
-    saved = engine.routing
-    try:
-        engine.routing = _routing("GetLiveContext")
-        stats = ChatStats()
-        "".join(engine.chat_stream(messages, GREEDY, stats, engine.route(messages, ReplyFormat(tools=spec))))
-        assert {c.name for c in stats.tool_calls} == {"GetLiveContext"} and stats.finish_reason == "tool_calls"
-        engine.routing = _routing("GetLiveContext", min_probability=1.01)  # never sure enough
-        assert engine.route(messages, ReplyFormat(tools=spec)).tools.choice == "auto"
-        engine.routing = _routing("none")
-        stats = ChatStats()
-        with steered(engine, "<tool_call>"):  # the model would call; the route says text
-            text = "".join(engine.chat_stream(messages, GREEDY, stats, engine.route(messages, ReplyFormat(tools=spec))))
-        assert not stats.tool_calls and "tool_call>" in text
-    finally:
-        engine.routing = saved
-
-
-def test_ollama_requests_are_routed_and_the_label_is_counted(live):
-    engine = live.serving.engine
-    saved = engine.routing
-    try:
-        engine.routing = _routing("required")
-        reply = ollama.Client(host=live.url).chat("qwen-edge", [
-            {"role": "system", "content": HOUSE["system_prompt"]}, {"role": "user", "content": "Desk lamp off"}],
-            tools=HOUSE["tools"], options={"temperature": 0})
-        assert reply.message.tool_calls, reply.message.content
-        assert {c.function.name for c in reply.message.tool_calls} <= {t["function"]["name"] for t in HOUSE["tools"]}
-        with live.client() as http:
-            assert 'task="home_intent"' in http.get("/metrics").text
-    finally:
-        engine.routing = saved
-
-
-def test_a_routing_to_a_refused_task_turns_routing_off_and_the_rest_serves(tiny_gguf, tmp_path, caplog):
-    import shutil
-    from edge.engine.engine import Engine
-    from engine_fixtures import PROMPTS, tiny_settings
-    prompts = tmp_path / "prompts"
-    shutil.copytree(PROMPTS, prompts)
-    (prompts / "tasks" / "home_intent" / "labels.toml").write_text("[control]\nen = 'control'\n", encoding="utf-8")
-    with caplog.at_level("ERROR"):
-        eng = Engine.load(tiny_gguf, tiny_settings(prompts))
-    try:
-        assert eng.routing is None and "home_intent" not in eng.tasks and "sentiment" in eng.tasks
-        assert any("tool routing is off" in r.getMessage() for r in caplog.records)
-    finally:
-        eng.close()
