@@ -163,13 +163,14 @@ def test_model_tool_call_turns_on_kitchen_light(daemon_run):
 # -- the tool-call evaluation set agrees with HA's recorded homes (no HA needed) ------------------------------------
 
 
-def test_tools_eval_cases_agree_with_recorded_homes():
+@pytest.mark.parametrize("file, at_least", [("cases.jsonl", 160), ("fresh.jsonl", 40)])
+def test_tools_eval_cases_agree_with_recorded_homes(file, at_least):
     """Every label names a tool HA offers in that home, only parameters of its schema (required ones present),
-    and exposed names and areas; the set is big enough and about half Chinese."""
+    and exposed names and areas; each set is big enough and about half Chinese."""
     homes = {p.stem: json.loads(p.read_text()) for p in HOMES_DIR.glob("*.json")}
-    lines = (DATA / "tools_eval" / "cases.jsonl").read_text().splitlines()
+    lines = (DATA / "tools_eval" / file).read_text().splitlines()
     cases = [json.loads(line) for line in lines]
-    assert len(cases) >= 160 and len({c["id"] for c in cases}) == len(cases)
+    assert len(cases) >= at_least and len({c["id"] for c in cases}) == len(cases)
     assert 0.4 <= sum(c["lang"] == "zh" for c in cases) / len(cases) <= 0.6
     for case in cases:
         home = homes[case["home"]]

@@ -2,11 +2,12 @@
 user's message writes, the order the model is shown) and routing by the home_intent task."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import ollama
 import pytest
-from tool_fixtures import GREEDY, HOUSE, WEATHER, engine, live, steered  # noqa: F401  (engine, live: fixtures)
+from tool_fixtures import DATA, GREEDY, HOUSE, WEATHER, engine, live, steered  # noqa: F401  (engine, live: fixtures)
 
 from edge.engine.grammar import Grammar
 from edge.engine.reply import ReplyFormat
@@ -19,7 +20,7 @@ def test_argument_rules_keep_name_and_area_apart_and_the_target_first(engine):
     one change a call; a brightness is one the user's message wrote."""
     from dataclasses import replace
     spec = replace(parse_tools(HOUSE["tools"], "required"), rules=engine.chat.rules, system_text=HOUSE["system_prompt"],
-                   user_text="Desk lamp to 40 percent please")
+                   user_texts=("Desk lamp to 40 percent please",))
     grammar = Grammar(engine.rt, call_gbnf(spec, "forced"), "tools")
 
     def next_texts(prefix: str) -> set[str]:
@@ -39,8 +40,13 @@ def test_argument_rules_keep_name_and_area_apart_and_the_target_first(engine):
         assert next_texts(light + '"brightness": ') == {"4"}  # the message's number, and only it
         # one change a call: nothing but the end after the brightness (no color, no temperature)
         assert not any(t.strip(" ,") for t in next_texts(light + '"brightness": 40') if t.strip(" ,") not in "}")
+    finally:
+        grammar.close()
+    # an area the user named: the call targets it, and no name can come next to it
+    grammar = Grammar(engine.rt, call_gbnf(replace(spec, user_texts=("Turn off the kitchen",)), "forced"), "tools")
+    try:
         after_area = next_texts('<tool_call>\n{"name": "HassTurnOff", "arguments": {"area": "Kitchen", "')
-        assert not any(t.startswith("n") for t in after_area)
+        assert after_area and not any(t.startswith("n") for t in after_area)
     finally:
         grammar.close()
 
@@ -50,7 +56,7 @@ def test_argument_rules_keep_name_and_area_apart_and_the_target_first(engine):
     ("把客厅窗帘开到百分之三十五", [35]), ("一百零五, 两个, 十五 and 7.5", [105, 15]), ("调暗一点", []),
     ("turn it off", [])])
 def test_values_written_in_the_message(message, integers):
-    from edge.engine.tools import written_values
+    from edge.engine.tool_rules import written_values
     assert written_values("integer", message) == integers
 
 
@@ -58,12 +64,13 @@ def test_from_message_arguments_take_only_what_the_user_wrote():
     """The shipped rules: brightness, position, temperature and color only as the message writes them."""
     from dataclasses import replace
 
-    from edge.engine.tools import call_schema, load_rules
+    from edge.engine.tool_rules import load_rules
+    from edge.engine.tools import call_schema
     rules = load_rules(Path(__file__).resolve().parents[1] / "prompts" / "tools" / "argument_values.toml")
     spec = replace(parse_tools(HOUSE["tools"]), choice="HassLightSet", rules=rules, system_text=HOUSE["system_prompt"])
 
     def arguments(message: str) -> dict:
-        variants = call_schema(replace(spec, user_text=message))["anyOf"][0]["properties"]["arguments"]
+        variants = call_schema(replace(spec, user_texts=(message,)))["anyOf"][0]["properties"]["arguments"]
         merged: dict = {}
         for variant in jsonschema_variants(variants):
             merged |= variant["properties"]
@@ -72,6 +79,76 @@ def test_from_message_arguments_take_only_what_the_user_wrote():
     assert args["brightness"]["enum"] == [25] and args["temperature"]["enum"] == [25] and "red" in args["color"]["enum"]
     assert "brightness" not in arguments("Make the desk lamp red") and "color" not in arguments("台灯调暗一点")
     assert arguments("书房台灯亮度调到百分之八十")["brightness"]["enum"] == [80]
+
+
+def _house_call(*user_texts: str, home: dict = HOUSE) -> dict[str, dict]:
+    """Per tool, the argument properties a call may have (the alternatives merged) after `user_texts`,
+    under the shipped rules."""
+    from dataclasses import replace
+
+    from edge.engine.tool_rules import load_rules
+    from edge.engine.tools import call_schema
+    rules = load_rules(Path(__file__).resolve().parents[1] / "prompts" / "tools" / "argument_values.toml")
+    spec = replace(parse_tools(home["tools"]), rules=rules, system_text=home["system_prompt"], user_texts=user_texts)
+    calls = {}
+    for alt in call_schema(spec)["anyOf"]:
+        variants = jsonschema_variants(alt["properties"]["arguments"])
+        calls[alt["properties"]["name"]["const"]] = {
+            "properties": {k: v for variant in variants for k, v in variant["properties"].items()},
+            "required": {r for variant in variants for r in variant.get("required", [])}}
+    return calls
+
+
+def test_the_call_targets_what_the_user_named():
+    """[as_written]: a name the user wrote is the target (required, no area); else an area they wrote;
+    else, as for a Chinese request in a home listed in English, the listed values stand."""
+    off = _house_call("Turn off everything in the office")["HassTurnOff"]
+    assert off["properties"]["area"]["enum"] == ["Office"] and "area" in off["required"] and "name" not in off["properties"]
+    on = _house_call("Please turn on the kitchen lights")["HassTurnOn"]  # an alias, in the plural
+    assert on["properties"]["name"]["enum"] == ["Kitchen light"] and "area" not in on["properties"]
+    again = _house_call("Turn on the desk lamp", "Turn it off again")["HassTurnOff"]  # an earlier message names it
+    assert again["properties"]["name"]["enum"] == ["Desk lamp"]
+    across = _house_call("关掉书桌台灯")["HassTurnOff"]
+    assert len(across["properties"]["name"]["enum"]) > 5 and "area" in across["properties"]
+    home_zh = json.loads((DATA / "tools_eval" / "homes" / "home_zh.json").read_text(encoding="utf-8"))["recorded"]
+    assert _house_call("把客厅吊灯关了", home=home_zh)["HassTurnOff"]["properties"]["name"]["enum"] == ["客厅吊灯"]
+    assert _house_call("打开卫生间的热水器", home=home_zh)["HassTurnOn"]["properties"]["name"]["enum"] == ["热水器"]
+    # a list of listed values has no more items than values (unbounded, the stand-in looped to max_tokens)
+    assert across["properties"]["domain"]["maxItems"] == len(across["properties"]["domain"]["items"]["enum"])
+
+
+@pytest.mark.parametrize("value, message, written", [
+    ("Kitchen light", "turn on the KITCHEN LIGHTS", True), ("Hall", "the hallway light", False),
+    ("Desk lamp", "desk lamp.", True), ("客厅", "把客厅的灯都关了", True), ("Office", "offices", True)])
+def test_what_a_message_writes(value, message, written):
+    from edge.engine.tool_rules import is_written
+    assert is_written(value, message) is written
+
+
+def test_a_level_goes_to_the_tool_of_the_named_device_and_words_give_values():
+    home_zh = json.loads((DATA / "tools_eval" / "homes" / "home_zh.json").read_text(encoding="utf-8"))["recorded"]
+    assert set(_house_call("客厅窗帘开到百分之三十", home=home_zh)) == {"HassSetPosition"}
+    brightest = _house_call("厨房灯调到最亮", home=home_zh)
+    assert set(brightest) == {"HassLightSet"} and brightest["HassLightSet"]["properties"]["brightness"]["enum"] == [100]
+    assert set(_house_call("Dim the kitchen to 30%")) == {"HassLightSet", "HassSetPosition"}  # an area: both
+    assert "HassTurnOn" in _house_call("Set a timer for 10 minutes")  # a plain number is no level
+    red = _house_call("把书桌台灯调成红色")["HassLightSet"]["properties"]
+    assert red["color"]["enum"] == ["red"]
+    assert "color" not in _house_call("Desk lamp to full brightness")["HassLightSet"]["properties"]  # "full": no colour
+
+
+def test_rules_that_name_what_they_cannot_use_are_refused(tmp_path):
+    from edge.engine.grammar import GrammarError
+    from edge.engine.tool_rules import load_rules
+    path = tmp_path / "argument_values.toml"
+    rule = "[[rule]]\nargument = 'name'\npattern = '^- names: (.+)$'\n"
+    for text, error in [(rule + "[as_written]\narguments = ['area']\n", "area, which no"),
+                        ("[from_message]\narguments = ['brightness']\n[from_message.words.color]\nred = 'red'\n", "color"),
+                        ("[levels]\nentity_pattern = '^- names: (.+)$'\n", "groups"),
+                        ("[from_message]\narguments = ['color']\nwords = 3\n", "argument_values.toml")]:
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(GrammarError, match=error):
+            load_rules(path)
 
 
 def jsonschema_variants(schema: dict) -> list[dict]:

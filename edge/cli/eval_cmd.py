@@ -145,7 +145,7 @@ def tools(file: Path, model_path: Path, homes: Path | None, rules_file: Path | N
           limit: int | None, split: str, every: int, config_file: Path | None, as_json: bool) -> None:
     """Tool calls on Home Assistant's own prompts and tools: decision, tool name, arguments, validity."""
     from edge.engine.engine import Engine
-    from edge.engine.tools import ArgumentRules, load_rules
+    from edge.engine.tool_rules import ArgumentRules, load_rules
     from edge.engine.types import SamplingParams
     from edge.evaluation.tools_eval import evaluate, load_cases, load_homes
     with friendly_errors(ValueError):  # besides the user errors: Engine.load's refusal of the settings

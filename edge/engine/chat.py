@@ -35,9 +35,9 @@ from edge.engine.prefixes import PrefixCache
 from edge.engine.reply import BARE_OPENERS, ChatPrompt, ContextOverflow, GenerateJob, ReplyFormat, Slot
 from edge.engine.runtime import LlamaRuntime
 from edge.engine.tasks import pick_language
+from edge.engine.tool_rules import ArgumentRules
 from edge.engine.tools import (
     CALL_OPEN,
-    ArgumentRules,
     ToolError,
     ToolSpec,
     render_fallback,
@@ -335,8 +335,8 @@ class ChatSessions:
         max_tokens = params.max_tokens or self.defaults.max_tokens
         if fmt.tools is not None:  # argument rules read the client's own system prompt
             system = messages[0].content if messages and messages[0].role == "system" else ""
-            users = [m.content for m in messages if m.role == "user"]
-            tools = replace(fmt.tools, rules=self.rules, system_text=system, user_text=users[-1] if users else "")
+            users = tuple(m.content for m in messages if m.role == "user")
+            tools = replace(fmt.tools, rules=self.rules, system_text=system, user_texts=users)
             if tools.choice == "auto" and tool_rounds(messages) >= self.defaults.tool_rounds:
                 tools = replace(tools, choice="none")  # still listed: the prompt, and its prefix, stay the same
             fmt = replace(fmt, tools=tools)

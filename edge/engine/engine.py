@@ -29,7 +29,8 @@ from edge.engine.reply import GenerateJob, ReplyFormat
 from edge.engine.runtime import LlamaRuntime
 from edge.engine.task_runner import CompiledTask, InputError, Resources, TaskJob, TaskResult
 from edge.engine.tasks import GrammarError, PromptError, Prompts, load_prompts
-from edge.engine.tools import load_routing, load_rules, routed, routed_message
+from edge.engine.tool_rules import load_rules
+from edge.engine.tools import load_routing, routed, routed_message
 from edge.engine.types import ChatMessage, ChatStats, SamplingParams
 from edge.model.gguf_check import check_gguf
 from edge.settings import Settings, cache_dir

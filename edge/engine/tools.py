@@ -12,10 +12,9 @@ messages (README: "Tool calls").
 
 What the model writes after `<tool_call>` is constrained by a grammar built from the tools' JSON
 schemas (llama.cpp's converter): the name is one of the given tools and the arguments validate
-against that tool's schema, by construction. The argument rules (prompts/tools/argument_values.toml)
-narrows string arguments to values the client listed in its system prompt (the names and areas of
-the devices Home Assistant exposes), keeps arguments apart that its instructions say not to combine,
-and orders them.
+against that tool's schema, by construction. The argument rules (tool_rules.py,
+prompts/tools/argument_values.toml) narrow each tool's schema further for a client that lists its
+devices in its prompt (Home Assistant).
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.engine.grammar import GrammarError, SchemaUnsupported, gbnf_literal, schema_gbnf
+from edge.engine.tool_rules import ArgumentRules, arguments_schema, level_tool_names, listed_values, takes
 from edge.engine.types import ChatMessage, ToolCall
 
 CALL_OPEN = "<tool_call>"
@@ -53,32 +53,13 @@ class Tool:
 
 
 @dataclass(frozen=True)
-class ValueRule:
-    """A string argument narrowed to the values a client lists in its system prompt."""
-    argument: str             # property name, in any tool whose schema has it as a string
-    pattern: re.Pattern       # one match per listed value; group 1 is the value (or a list of them)
-    separator: str = ""       # when group 1 lists several values
-
-
-@dataclass(frozen=True)
-class ArgumentRules:
-    """prompts/tools/argument_values.toml: how a client that lists what exists in its prompt
-    (Home Assistant) narrows tool arguments. They apply to a request only when its system prompt
-    lists values for at least one value rule."""
-    values: tuple[ValueRule, ...] = ()
-    exclusive: tuple[tuple[str, ...], ...] = ()   # at most one argument of each group in a call
-    order: tuple[str, ...] = ()                   # these arguments are written first, in this order
-    from_message: tuple[str, ...] = ()            # values only as written in the user's latest message
-
-
-@dataclass(frozen=True)
 class ToolSpec:
     tools: tuple[Tool, ...]
     choice: str = "auto"      # auto | none | required | the name of one tool
     parallel: bool = True
     rules: ArgumentRules = ArgumentRules()
     system_text: str = ""     # the client's system prompt, where the rules look
-    user_text: str = ""       # the user's latest message, where `from_message` values come from
+    user_texts: tuple[str, ...] = ()  # the user's messages, oldest first, where the user's own words are read
 
     @property
     def active(self) -> bool:
@@ -125,25 +106,6 @@ def _choice(choice: Any, names: list[str]) -> str:
     if name not in names:
         raise ToolError(f"tool_choice names {name!r}, which is not among the tools")
     return name
-
-
-# -- argument rules -------------------------------------------------------------------------------
-
-def load_rules(path: Path) -> ArgumentRules:
-    """[[rule]] argument/pattern/separator, [[exclusive]] arguments, [order] first,
-    [from_message] arguments."""
-    if not path.exists():
-        return ArgumentRules()
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-        values = tuple(ValueRule(r["argument"], re.compile(r["pattern"], re.MULTILINE), r.get("separator", ""))
-                       for r in table.get("rule", []))
-        exclusive = tuple(tuple(group["arguments"]) for group in table.get("exclusive", []))
-        order = tuple(table.get("order", {}).get("first", []))
-        from_message = tuple(table.get("from_message", {}).get("arguments", []))
-    except (tomllib.TOMLDecodeError, KeyError, TypeError, re.error, UnicodeDecodeError) as exc:
-        raise GrammarError(f"{path}: {exc}") from None
-    return ArgumentRules(values, exclusive, order, from_message)
 
 
 @dataclass(frozen=True)
@@ -198,117 +160,11 @@ def routed(spec: ToolSpec, routing: ToolRouting, label: str | None, probability:
     return replace(spec, choice=choice)
 
 
-def listed_values(rule: ValueRule, text: str) -> list[str]:
-    values: list[str] = []
-    for match in rule.pattern.finditer(text):
-        found = match.group(1)
-        for value in found.split(rule.separator) if rule.separator else [found]:
-            value = value.strip().strip("'\"")
-            if value and value not in values:
-                values.append(value)
-    return values
-
-
 def applicable(spec: ToolSpec) -> ArgumentRules:
     """The rules, when the client's prompt lists values for any value rule (it is a prompt of that
     kind); no rules otherwise."""
     lists = any(listed_values(r, spec.system_text) for r in spec.rules.values)
     return spec.rules if lists else ArgumentRules()
-
-
-def _narrow_values(schema: dict, rules: ArgumentRules, text: str) -> dict:
-    """Each ruled string argument (or list of strings) limited to the values the client listed; a
-    ruled argument it listed no value for is left out (unless required): in a prompt that lists
-    what exists, a value it does not list cannot be right."""
-    props = schema.get("properties")
-    if not isinstance(props, dict):
-        return schema
-    required = set(schema.get("required") or [])
-    out = dict(props)
-    for rule in rules.values:
-        prop = props.get(rule.argument)
-        if not isinstance(prop, dict) or "enum" in prop or "const" in prop:
-            continue
-        values = listed_values(rule, text)
-        if not values and rule.argument not in required:
-            out.pop(rule.argument)
-        elif values and prop.get("type") == "string":
-            out[rule.argument] = {**prop, "enum": values}
-        elif values and prop.get("type") == "array" and not prop.get("items"):
-            out[rule.argument] = {**prop, "items": {"enum": values}}
-    return {**schema, "properties": out}
-
-
-def _exclusive(schema: dict, rules: ArgumentRules) -> dict:
-    """An arguments schema where each exclusive group's arguments cannot come together: one
-    alternative per member, without the group's other members."""
-    props = schema.get("properties") or {}
-    for group in rules.exclusive:
-        present = [a for a in group if a in props and a not in set(schema.get("required") or [])]
-        if len(present) < 2:
-            continue
-        variants = [{**schema, "properties": {k: v for k, v in props.items() if k == keep or k not in present}}
-                    for keep in present]
-        return {"anyOf": [_exclusive(v, rules) for v in variants]}
-    return schema
-
-
-ZH_DIGITS = {c: i for i, c in enumerate("零一二三四五六七八九")} | {"两": 2}
-# 百分之N is N percent; otherwise two characters at least: 一点 (a little), 一下 (once) are no numbers
-ZH_NUMERAL = re.compile("百分之([零一二两三四五六七八九十百]+)|([零一二两三四五六七八九十百]{2,})")
-
-
-def zh_integer(numeral: str) -> int:
-    """The value of a Chinese numeral below 1000: 八十 80, 十五 15, 一百零五 105."""
-    total = digit = 0
-    for ch in numeral:
-        if ch in ZH_DIGITS:
-            digit = ZH_DIGITS[ch]
-        else:
-            total += (digit or 1) * (10 if ch == "十" else 100)
-            digit = 0
-    return total + digit
-
-
-def written_values(kind: str, message: str) -> list:
-    """The values of JSON type `kind` written in `message`: numbers in digits or in Chinese
-    numerals, strings as Latin words (CJK text runs on without spaces: no words)."""
-    numerals = [zh_integer(a or b) for a, b in ZH_NUMERAL.findall(message)]
-    if kind == "string":
-        found: list = re.findall(r"[A-Za-zÀ-ÿ]{3,}", message)
-    elif kind == "integer":
-        found = [int(v) for v in re.findall(r"(?<![\d.])\d{1,6}(?![\d.])", message)] + numerals
-    elif kind == "number":
-        found = [float(v) for v in re.findall(r"\d+(?:\.\d+)?", message)] + [float(n) for n in numerals]
-    else:
-        return []
-    return list(dict.fromkeys(found))
-
-
-def _from_message(schema: dict, rules: ArgumentRules, message: str) -> dict:
-    """Each `from_message` argument limited to the values of its type written in `message`
-    (`written_values`); left out, unless required, when the message writes none: a brightness the
-    user did not say cannot be right."""
-    props = schema.get("properties")
-    if not isinstance(props, dict) or not rules.from_message:
-        return schema
-    required = set(schema.get("required") or [])
-    out = dict(props)
-    for name in rules.from_message:
-        prop = props.get(name)
-        if not isinstance(prop, dict) or "enum" in prop or "const" in prop:
-            continue
-        values = written_values(str(prop.get("type")), message)
-        if values:
-            out[name] = {**prop, "enum": values}
-        elif name not in required:
-            out.pop(name)
-    return {**schema, "properties": out}
-
-
-def arguments_schema(tool: Tool, rules: ArgumentRules, text: str, message: str = "") -> dict:
-    narrowed = _from_message(_narrow_values(tool.parameters, rules, text), rules, message)
-    return _exclusive(narrowed, rules)
 
 
 # -- grammar --------------------------------------------------------------------------------------
@@ -332,13 +188,25 @@ def shown_definitions(spec: ToolSpec) -> list[dict]:
     return shown
 
 
+def _level_tools(spec: ToolSpec, rules: ArgumentRules, tools: list[Tool]) -> list[Tool]:
+    """The tools a level the user wrote can go to: the level tool of the named devices' domains, else
+    every tool taking a level argument; all of `tools` without a level or when none of them fits."""
+    chosen = level_tool_names(rules, spec.system_text, spec.user_texts)
+    if chosen is None:
+        return tools
+    takers = [t for t in tools if takes(t.parameters, rules.level_arguments)]
+    return [t for t in takers if t.name in chosen] or takers or tools
+
+
 def call_schema(spec: ToolSpec) -> dict:
-    """The JSON schema of one call: {"name": <a tool>, "arguments": <its arguments>}."""
+    """The JSON schema of one call: {"name": <a tool>, "arguments": <its arguments>}; a level the
+    user's latest message writes goes to a tool that takes a level argument, when one is offered."""
     tools = [t for t in spec.tools if spec.choice in CHOICES or t.name == spec.choice]
     rules = applicable(spec)
+    tools = _level_tools(spec, rules, tools)
     return {"anyOf": [{"type": "object", "properties": {
         "name": {"const": t.name},
-        "arguments": arguments_schema(t, rules, spec.system_text, spec.user_text)},
+        "arguments": arguments_schema(t.parameters, rules, spec.system_text, spec.user_texts)},
         "required": ["name", "arguments"]} for t in tools]}
 
 
