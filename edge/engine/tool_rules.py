@@ -5,6 +5,7 @@ level the user asked for. Each rule narrows a tool's JSON schema; tools.py compi
 """
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -77,6 +78,14 @@ def load_rules(path: Path) -> ArgumentRules:
 
 
 def listed_values(rule: ValueRule, text: str) -> list[str]:
+    """The values `text` (a client's system prompt) lists for `rule`, in order, each once."""
+    return list(_listed(rule, text))
+
+
+@functools.lru_cache(maxsize=64)
+def _listed(rule: ValueRule, text: str) -> tuple[str, ...]:
+    # one request asks for the same values many times (each tool, each render while its prompt is
+    # fitted, each grammar): the system prompt is read once per rule
     values: list[str] = []
     for match in rule.pattern.finditer(text):
         found = match.group(1)
@@ -84,8 +93,7 @@ def listed_values(rule: ValueRule, text: str) -> list[str]:
             value = value.strip().strip("'\"")
             if value and value not in values:
                 values.append(value)
-    return values
-
+    return tuple(values)
 
 
 def _narrow_values(schema: dict, rules: ArgumentRules, text: str) -> dict:
@@ -228,12 +236,13 @@ def _as_written(schema: dict, rules: ArgumentRules, target: tuple[str, list[str]
 
 
 def arguments_schema(parameters: dict, rules: ArgumentRules, system_text: str,
-                     user_texts: tuple[str, ...] = ()) -> dict:
-    """A tool's arguments schema (`parameters`) under the rules, for a request with this system prompt
-    and these user messages."""
+                     target: tuple[str, list[str]] | None = None, message: str = "") -> dict:
+    """A tool's arguments schema (`parameters`) under the rules, for a request with this system
+    prompt, the target the user named (`written_target`, found once per request) and the user's
+    latest `message`."""
     narrowed = _narrow_values(parameters, rules, system_text)
-    narrowed = _as_written(narrowed, rules, written_target(rules, system_text, user_texts))
-    narrowed = _from_message(narrowed, rules, user_texts[-1] if user_texts else "")
+    narrowed = _as_written(narrowed, rules, target)
+    narrowed = _from_message(narrowed, rules, message)
     return _exclusive(narrowed, rules)
 
 
@@ -251,12 +260,12 @@ def takes(parameters: dict, arguments: tuple[str, ...]) -> bool:
     return isinstance(props, dict) and any(a in props for a in arguments)
 
 
-def level_tool_names(rules: ArgumentRules, system_text: str, user_texts: tuple[str, ...]) -> set[str] | None:
-    """None when the user's latest message sets no level; else the tools `[levels] tool_for_domain`
-    gives the domains of the devices the user named (empty when they named none)."""
-    if not rules.level_arguments or not user_texts or not sets_a_level(rules, user_texts[-1]):
+def level_tool_names(rules: ArgumentRules, system_text: str, message: str,
+                     target: tuple[str, list[str]] | None) -> set[str] | None:
+    """None when the user's latest `message` sets no level; else the tools `[levels] tool_for_domain`
+    gives the domains of the devices the user named (`target`; empty when they named none)."""
+    if not rules.level_arguments or not sets_a_level(rules, message):
         return None
-    target = written_target(rules, system_text, user_texts)
     if target is None or target[0] != "name" or rules.entity_pattern is None:
         return set()
     domains = {m["domain"].strip() for m in rules.entity_pattern.finditer(system_text)

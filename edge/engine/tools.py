@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from edge.engine.grammar import GrammarError, SchemaUnsupported, gbnf_literal, schema_gbnf
-from edge.engine.tool_rules import ArgumentRules, arguments_schema, level_tool_names, listed_values, takes
+from edge.engine.tool_rules import (
+    ArgumentRules,
+    arguments_schema,
+    level_tool_names,
+    listed_values,
+    takes,
+    written_target,
+)
 from edge.engine.types import ChatMessage, ToolCall
 
 CALL_OPEN = "<tool_call>"
@@ -188,10 +195,10 @@ def shown_definitions(spec: ToolSpec) -> list[dict]:
     return shown
 
 
-def _level_tools(spec: ToolSpec, rules: ArgumentRules, tools: list[Tool]) -> list[Tool]:
-    """The tools a level the user wrote can go to: the level tool of the named devices' domains, else
-    every tool taking a level argument; all of `tools` without a level or when none of them fits."""
-    chosen = level_tool_names(rules, spec.system_text, spec.user_texts)
+def _level_tools(tools: list[Tool], rules: ArgumentRules, chosen: set[str] | None) -> list[Tool]:
+    """The tools a level the user wrote can go to (`chosen`: level_tool_names): the level tool of the
+    named devices' domains, else every tool taking a level argument; all of `tools` without a level
+    or when none of them fits."""
     if chosen is None:
         return tools
     takers = [t for t in tools if takes(t.parameters, rules.level_arguments)]
@@ -203,10 +210,12 @@ def call_schema(spec: ToolSpec) -> dict:
     user's latest message writes goes to a tool that takes a level argument, when one is offered."""
     tools = [t for t in spec.tools if spec.choice in CHOICES or t.name == spec.choice]
     rules = applicable(spec)
-    tools = _level_tools(spec, rules, tools)
+    target = written_target(rules, spec.system_text, spec.user_texts)
+    message = spec.user_texts[-1] if spec.user_texts else ""
+    tools = _level_tools(tools, rules, level_tool_names(rules, spec.system_text, message, target))
     return {"anyOf": [{"type": "object", "properties": {
         "name": {"const": t.name},
-        "arguments": arguments_schema(t.parameters, rules, spec.system_text, spec.user_texts)},
+        "arguments": arguments_schema(t.parameters, rules, spec.system_text, target, message)},
         "required": ["name", "arguments"]} for t in tools]}
 
 
