@@ -124,6 +124,23 @@ def test_reload_picks_up_a_new_task_and_keeps_the_old_version_of_a_broken_one(ti
         eng.close()
 
 
+def test_a_broken_tool_rules_file_refuses_the_reload_and_the_running_version_stays(tiny_gguf, prompts_copy):
+    from edge.engine.grammar import GrammarError
+    eng = Engine.load(tiny_gguf, tiny_settings(prompts_copy))
+    try:
+        before = eng.run_task("spam", ["win a prize now"])[0].label
+        rules = eng.chat.rules
+        (prompts_copy / "tools" / "argument_values.toml").write_text("[as_written]\narguments = ['nope']\n",
+                                                                      encoding="utf-8")
+        with pytest.raises(GrammarError, match="argument_values.toml"):
+            eng.reload_prompts()
+        assert eng.chat.rules is rules and eng.run_task("spam", ["win a prize now"])[0].label == before
+        # the running tasks were not closed on the way (a JSON task would then use a freed grammar)
+        assert all(lang.grammar.sampler for task in eng.tasks.values() for lang in task.langs.values())
+    finally:
+        eng.close()
+
+
 def test_evicted_prefixes_are_restored_from_disk_not_recomputed(tiny_gguf, tmp_path):
     eng = Engine.load(tiny_gguf, tiny_settings(engine={"prefix_tokens": 600, "kv_state_dir": str(tmp_path / "kv")}))
     try:

@@ -109,6 +109,8 @@ class Engine:
     def _build(self, prompts: Prompts) -> None:
         """Compile every task; a task that fails keeps its running version (reload) or stays out
         (start-up), with one error line naming the file."""
+        # read before anything running is replaced: a broken rules file refuses the reload whole
+        rules = load_rules(Path(self.settings.prompts.dir) / "tools" / "argument_values.toml")
         errors = dict(prompts.errors)
         compiled: dict[str, CompiledTask] = {}
         for name, spec in prompts.tasks.items():
@@ -127,7 +129,6 @@ class Engine:
         for name, old in self.tasks.items():
             if compiled.get(name) is not old:
                 old.close()
-        rules = load_rules(Path(self.settings.prompts.dir) / "tools" / "argument_values.toml")
         label_tasks = {name: t.spec.label_ids for name, t in compiled.items() if t.spec.output == "label"}
         try:
             self.routing = load_routing(Path(self.settings.prompts.dir) / "tools" / "routing.toml", label_tasks)
