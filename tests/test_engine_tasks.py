@@ -183,6 +183,7 @@ def test_cli_lists_runs_and_benchmarks_tasks(tiny_gguf, tmp_path):
     report = json.loads(bench.output.strip().splitlines()[-1])
     assert report["n"] == 2 and report["p50_ms"] > 0 and report["floor_p50_ms"] > 0
     assert report["floor_after_prefix_p50_ms"] > 0 and report["p50_vs_floor_after_prefix"] > 0
+    assert report["prefix_floor_vs_floor"] == round(report["floor_after_prefix_p50_ms"] / report["floor_p50_ms"], 3)
     assert set(report["prefix"]) == {"en", "zh"} and all(r["restore_ms"] > 0 for r in report["prefix"].values())
 
 

@@ -43,7 +43,8 @@ def bench_task(name: str, model_path: Path, texts_file: Path, limit: int, rounds
     click.echo(f"{name}: n={result['n']}  p50 {result['p50_ms']:.0f} ms (floor {result['floor_p50_ms']:.0f}, "
                f"ratio {result['p50_vs_floor']:.3f})  p90 {result['p90_ms']:.0f} ms "
                f"(floor {result['floor_p90_ms']:.0f}); floor after the prefix p50 "
-               f"{result['floor_after_prefix_p50_ms']:.0f} ms (ratio {result['p50_vs_floor_after_prefix']:.3f})")
+               f"{result['floor_after_prefix_p50_ms']:.0f} ms (ratio {result['p50_vs_floor_after_prefix']:.3f}; "
+               f"bare llama.cpp after the prefix ÷ empty-cache floor {result['prefix_floor_vs_floor']:.3f})")
     for lang, row in result["prefix"].items():
         click.echo(f"  prefix {lang}: {row['prefix_tokens']} tokens, restore {row['restore_ms']:.1f} ms, "
                    f"recompute {row['recompute_ms']:.0f} ms ({row['restore_vs_recompute']:.3f}x)")
