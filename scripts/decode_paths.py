@@ -11,9 +11,10 @@ serving costs), engine ÷ raw (what the engine's per-token work costs) and daemo
 
     .venv/bin/python scripts/decode_paths.py MODEL.gguf [--peer-server llama-server] [--rounds 12]
 
-Both servers stay loaded for the whole run (an idle one computes nothing), the ways in this
-process share one model. Decode speed is (content events - 1) / (last - first event) for HTTP, the
-engine's own ChatStats for ``engine``.
+Both servers stay loaded for the whole run (an idle one computes nothing); the two ways in this
+process share one model. Settings come from the usual sources (``QWEN_EDGE_CONFIG``, the
+environment). Decode speed is (content events - 1) / (last - first event) for HTTP, the engine's
+own ChatStats for ``engine``.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from edge.evaluation.http_servers import (
     stream_chat,
 )
 from edge.evaluation.raw_llama import RawContext
-from edge.settings import Settings
+from edge.settings import load_settings
 
 PROMPT = ("Write a Python module that implements an LRU cache, with docstrings, comments and tests, "
           "then explain step by step how it works.")
@@ -61,7 +62,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
-    settings = Settings()
+    settings = load_settings()
     with ExitStack() as stack:
         ways: dict[str, Callable[[], float]] = {}
         ours = stack.enter_context(run_ours(OursSpec(model=args.model)))
@@ -96,10 +97,11 @@ def main() -> None:
     median = {name: round(statistics.median(v), 2) for name, v in rounds.items()}
     ratios = {"daemon_vs_engine": ("daemon", "engine"), "engine_vs_raw": ("engine", "raw"),
               "daemon_vs_llama_server": ("daemon", "llama-server")}
-    sys.stdout.write(json.dumps({"model": str(args.model), "max_tokens": args.max_tokens, "median_tps": median,
-                      "ratios": {k: round(median[a] / median[b], 3) for k, (a, b) in ratios.items()
-                                 if a in median and b in median},
-                      "rounds_tps": rounds}, indent=1) + "\n")
+    report = {"model": str(args.model), "max_tokens": args.max_tokens, "median_tps": median,
+              "ratios": {k: round(median[a] / median[b], 3) for k, (a, b) in ratios.items()
+                         if a in median and b in median},
+              "rounds_tps": rounds}
+    sys.stdout.write(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
