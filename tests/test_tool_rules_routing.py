@@ -145,6 +145,8 @@ def test_rules_that_name_what_they_cannot_use_are_refused(tmp_path):
     for text, error in [(rule + "[as_written]\narguments = ['area']\n", "area, which no"),
                         ("[from_message]\narguments = ['brightness']\n[from_message.words.color]\nred = 'red'\n", "color"),
                         ("[levels]\nentity_pattern = '^- names: (.+)$'\n", "groups"),
+                        (rule + "[as_written]\narguments = ['name']\n[levels]\n"
+                         "entity_pattern = '^- names: (?P<names>.+)\\n  domain: (?P<domain>.+)$'\n", "entity_argument"),
                         ("[from_message]\narguments = ['color']\nwords = 3\n", "argument_values.toml")]:
         path.write_text(text, encoding="utf-8")
         with pytest.raises(GrammarError, match=error):

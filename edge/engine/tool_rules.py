@@ -40,13 +40,14 @@ class ArgumentRules:
     # an entity's domain in the client's prompt (groups "names", "domain"), and the tool that sets the
     # level of each domain: a level for a named light goes to the light's tool
     entity_pattern: re.Pattern | None = None
+    entity_argument: str = ""                     # the `as_written` argument whose values those names are
     level_tool: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 def load_rules(path: Path) -> ArgumentRules:
     """[[rule]] argument/pattern/separator, [[exclusive]] arguments, [order] first,
     [from_message] arguments and [from_message.words.<argument>] word = value, [as_written] arguments,
-    [levels] arguments/pattern/entity_pattern/tool_for_domain."""
+    [levels] arguments/pattern/entity_pattern/entity_argument/tool_for_domain."""
     if not path.exists():
         return ArgumentRules()
     try:
@@ -73,8 +74,13 @@ def load_rules(path: Path) -> ArgumentRules:
         raise GrammarError(f"{path}: [from_message.words] has {', '.join(unread)}, which [from_message] does not list")
     if entity_pattern is not None and not {"names", "domain"} <= set(entity_pattern.groupindex):
         raise GrammarError(f"{path}: [levels] entity_pattern needs the groups (?P<names>…) and (?P<domain>…)")
+    entity_argument = str(levels.get("entity_argument", ""))
+    if entity_pattern is not None and entity_argument not in as_written:
+        raise GrammarError(f"{path}: [levels] entity_argument must name the [as_written] argument whose values "
+                           f"entity_pattern's names are, not {entity_argument!r}")
     return ArgumentRules(values, exclusive, order, from_message, as_written, words,
-                         tuple(levels.get("arguments", [])), level_pattern, entity_pattern, level_tool)
+                         tuple(levels.get("arguments", [])), level_pattern, entity_pattern, entity_argument,
+                         level_tool)
 
 
 def listed_values(rule: ValueRule, text: str) -> list[str]:
@@ -266,7 +272,7 @@ def level_tool_names(rules: ArgumentRules, system_text: str, message: str,
     gives the domains of the devices the user named (`target`; empty when they named none)."""
     if not rules.level_arguments or not sets_a_level(rules, message):
         return None
-    if target is None or target[0] != "name" or rules.entity_pattern is None:
+    if target is None or target[0] != rules.entity_argument or rules.entity_pattern is None:
         return set()
     domains = {m["domain"].strip() for m in rules.entity_pattern.finditer(system_text)
                if set(target[1]) & {n.strip() for n in m["names"].split(",")}}
