@@ -32,6 +32,7 @@ from edge.evaluation.http_servers import (
     OursSpec,
     PeerSpec,
     Server,
+    ServerError,
     physical_cores,
     run_ours,
     run_peer,
@@ -62,10 +63,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
+    if not args.model.is_file():
+        raise SystemExit(f"no model file at {args.model}")
+    if args.peer_server and not args.peer_server.is_file():
+        raise SystemExit(f"no llama-server binary at {args.peer_server}")
     settings = load_settings()
     with ExitStack() as stack:
         ways: dict[str, Callable[[], float]] = {}
-        ours = stack.enter_context(run_ours(OursSpec(model=args.model)))
+        try:
+            ours = stack.enter_context(run_ours(OursSpec(model=args.model)))
+        except ServerError as exc:  # the daemon refused the model, or did not come up
+            raise SystemExit(str(exc)) from None
         ways["daemon"] = http_way(ours, args.max_tokens)
         if args.peer_server:
             # as bench http starts it: the daemon's context, thread count and resolved KV type
